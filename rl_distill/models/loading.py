@@ -45,7 +45,9 @@ def resolve_model_path(name_or_path: str) -> str:
         if not path.exists():
             raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
         if path.is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model path {name_or_path!r} has no config.json: not a Hugging Face checkpoint")
+            raise FileNotFoundError(
+                f"model path {name_or_path!r} has no config.json: not a Hugging Face checkpoint"
+            )
         return str(path)
     return name_or_path
 
@@ -121,10 +123,14 @@ def logit_width(model: PreTrainedModel) -> int:
 
 
 def _describe(tokenizer: PreTrainedTokenizerBase) -> str:
-    return f"{getattr(tokenizer, 'name_or_path', '?')!r} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"
+    return (
+        f"{getattr(tokenizer, 'name_or_path', '?')!r} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"
+    )
 
 
-def check_tokenizers_match(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase) -> None:
+def check_tokenizers_match(
+    teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
+) -> None:
     """Fail before any work if teacher and student tokenise differently.
 
     Compares the full token-to-id maps and the special tokens (EOS, pad is not compared since
@@ -143,9 +149,10 @@ def check_tokenizers_match(teacher_tokenizer: PreTrainedTokenizerBase, student_t
         )
     if t_vocab != s_vocab:
         diff = next(tok for tok, idx in t_vocab.items() if s_vocab.get(tok) != idx)
+        student_side = "is missing" if diff not in s_vocab else f"has id {s_vocab[diff]}"
         raise TokenizerMismatchError(
             f"teacher and student must share a tokenizer, but token {diff!r} has id {t_vocab[diff]} for the "
-            f"teacher and {s_vocab.get(diff)} for the student: {where}"
+            f"teacher and {student_side} for the student: {where}"
         )
     if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
         raise TokenizerMismatchError(

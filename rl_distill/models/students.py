@@ -11,7 +11,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 # Where common causal-LM families keep their stack of decoder blocks.
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+)
 # Per-layer config lists that must be cut with the layers (e.g. sliding vs full attention).
 _PER_LAYER_CONFIG_FIELDS = ("layer_types", "sliding_window_pattern_list", "no_rope_layers")
 
@@ -47,7 +53,9 @@ def evenly_spaced_layers(num_teacher_layers: int, num_keep: int) -> list[int]:
         ValueError: unless ``1 <= num_keep <= num_teacher_layers``.
     """
     if not 1 <= num_keep <= num_teacher_layers:
-        raise ValueError(f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_keep}")
+        raise ValueError(
+            f"num_layers must be in [1, {num_teacher_layers}] (the teacher's layers), got {num_keep}"
+        )
     if num_keep == 1:
         return [num_teacher_layers - 1]
     step = (num_teacher_layers - 1) / (num_keep - 1)
@@ -105,7 +113,9 @@ def make_kept_layer_student(
     return student
 
 
-def student_from_config(config: dict[str, Any] | str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def student_from_config(
+    config: dict[str, Any] | str, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """Build a randomly initialised causal LM from a config dict (with ``model_type``) or a config path.
 
     Args:

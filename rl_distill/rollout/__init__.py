@@ -1,0 +1,21 @@
+"""The batched rollout engine shared by every agent and environment."""
+
+from rl_distill.rollout.engine import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    completion_logits,
+    position_ids_from_mask,
+)
+from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError
+
+__all__ = [
+    "PromptBatch",
+    "PromptEncoder",
+    "PromptTooLongError",
+    "Rollout",
+    "RolloutEngine",
+    "SamplingConfig",
+    "completion_logits",
+    "position_ids_from_mask",
+]

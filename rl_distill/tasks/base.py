@@ -57,7 +57,9 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def load_task(name: str, *, seed: int = 0, num_train: int = 256, num_eval: int = 32, **options: Any) -> TaskData:
+def load_task(
+    name: str, *, seed: int = 0, num_train: int = 256, num_eval: int = 32, **options: Any
+) -> TaskData:
     """Build a task's train/eval split; the same arguments always give the same examples.
 
     Args:
@@ -76,7 +78,9 @@ def load_task(name: str, *, seed: int = 0, num_train: int = 256, num_eval: int =
         raise ValueError(f"num_train and num_eval must be >= 1, got {num_train} and {num_eval}")
     data = _TASKS[name](seed=seed, num_train=num_train, num_eval=num_eval, **options)
     if not data.train or not data.eval:
-        raise ValueError(f"task {name!r} produced an empty split (train={len(data.train)}, eval={len(data.eval)})")
+        raise ValueError(
+            f"task {name!r} produced an empty split (train={len(data.train)}, eval={len(data.eval)})"
+        )
     return data
 
 

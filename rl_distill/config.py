@@ -1,0 +1,303 @@
+"""Run configuration: dataclasses loaded from YAML with ``--set section.field=value`` overrides.
+
+A config file has four sections::
+
+    model: {teacher: smollm2-135m-instruct, student_layers: 6}
+    data:  {task: instructions, num_train: 256, num_eval: 16}
+    agent: {name: gkd, divergence: jsd, beta: 0.5, lmbda: 1.0}
+    train: {steps: 100, batch_size: 4, lr: 1.0e-4}
+
+Every field has a docstring and a range check; a bad value fails at load time with the field's
+full name (``agent.beta``) and what is allowed. Unknown fields are errors too (typos do not pass
+silently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    """Teacher and student models."""
+
+    teacher: str = "smollm2-135m-instruct"
+    """Teacher: a built-in name (``smollm2-135m-instruct``), a local checkpoint folder or a cached hub id."""
+    student: str | None = None
+    """Student checkpoint (folder or id); None builds the student from the teacher (``student_layers``)."""
+    student_layers: int | list[int] | None = 6
+    """With ``student: null``: keep this many evenly spaced teacher layers, or exactly these indices."""
+    student_config: dict[str, Any] | None = None
+    """With ``student: null``: build a random student from this config dict (``model_type`` required) instead."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of both models."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if available)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from checkpoints (off unless you trust the source)."""
+    chat_template: bool | None = None
+    """Wrap prompts in the tokenizer's chat template: true, false, or null = if the tokenizer has one."""
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ConfigError("teacher: must name a model")
+        if self.student is None and self.student_config is None:
+            if self.student_layers is None:
+                raise ConfigError("student_layers: needed when student and student_config are null")
+            if isinstance(self.student_layers, int) and self.student_layers < 1:
+                raise ConfigError(f"student_layers: must be >= 1, got {self.student_layers}")
+            if isinstance(self.student_layers, list) and not self.student_layers:
+                raise ConfigError("student_layers: the list of layer indices is empty")
+        if self.student is not None and self.student_config is not None:
+            raise ConfigError(
+                "student_config: give either student (a checkpoint) or student_config, not both"
+            )
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            raise ConfigError(
+                f"device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Prompt source."""
+
+    task: str = "instructions"
+    """Task name (see ``rl_distill.tasks.available_tasks()``)."""
+    num_train: int = 256
+    """Training prompts."""
+    num_eval: int = 16
+    """Held-out prompts for evaluation."""
+    seed: int = 0
+    """Seed of the train/eval split."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Task-specific options (e.g. ``path`` for ``jsonl``)."""
+
+    def __post_init__(self) -> None:
+        from rl_distill.tasks import available_tasks
+
+        if self.task not in available_tasks():
+            raise ConfigError(
+                f"task: unknown task {self.task!r}; choose one of {', '.join(available_tasks())}"
+            )
+        for name in ("num_train", "num_eval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Prompts per step (per process under Accelerate)."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (then constant)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 0
+    """Seed for initialisation, sampling and batching (set once, at the start)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_batch_size: int = 8
+    """Prompts per evaluation batch."""
+    eval_seed: int = 1234
+    """Seed of the evaluation sampler (same stream before and after training)."""
+    output_dir: str = "runs/rl_distill"
+    """Folder for logs, checkpoints and the final model."""
+    save_final: bool = True
+    """Save the final student with ``save_pretrained`` (plus tokenizer) to ``output_dir/final``."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to ``metrics.jsonl``."""
+    threads: int = 0
+    """``torch.set_num_threads`` (0: leave PyTorch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm: must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, agent and training loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher and student."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+    agent: Any = None
+    """The agent's config dataclass (chosen by ``agent.name``; default on-policy GKD)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings."""
+    agent_name: str = "gkd"
+    """Registry name of the agent (from ``agent.name`` in YAML)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``load_config`` accepts back)."""
+        agent = dataclasses.asdict(self.agent) if self.agent is not None else {}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "agent": {"name": self.agent_name, **agent},
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with type checks and field-named errors.
+# ---------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, arg) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, naming ``section.field`` in every error.
+
+    Raises:
+        ConfigError: unknown field, wrong type, or a range check failing in ``__post_init__``.
+    """
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}: unknown field; {section} accepts {', '.join(sorted(known))}"
+        )
+    for name, value in values.items():
+        tp = hints[name]
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and _type_ok(float(value), tp)
+            and not _type_ok(value, tp)
+        ):
+            values[name] = value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{section}.{name}: expected {_describe_type(tp)}, got {value!r}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err}") from None
+    except ValueError as err:
+        msg = str(err)
+        name = msg.split(" ", 1)[0]
+        raise ConfigError(f"{section}.{msg}" if name in known else f"{section}: {msg}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a :class:`Config`."""
+    from rl_distill.agents import AGENTS
+
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"a config must be a mapping with sections model/data/agent/train, got {type(raw).__name__}"
+        )
+    unknown = sorted(set(raw) - {"model", "data", "agent", "train"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; expected model, data, agent, train")
+    for section in ("model", "data", "agent", "train"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: must be a mapping, got {raw[section]!r}")
+    agent_raw = dict(raw.get("agent") or {})
+    agent_name = agent_raw.pop("name", "gkd")
+    if agent_name not in AGENTS:
+        raise ConfigError(
+            f"agent.name: unknown agent {agent_name!r}; choose one of {', '.join(sorted(AGENTS))}"
+        )
+    _, agent_cls = AGENTS[agent_name]
+    return Config(
+        model=build_dataclass(ModelConfig, raw.get("model"), "model"),
+        data=build_dataclass(DataConfig, raw.get("data"), "data"),
+        agent=build_dataclass(agent_cls, agent_raw, "agent"),
+        train=build_dataclass(TrainConfig, raw.get("train"), "train"),
+        agent_name=agent_name,
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML: ``0.5``, ``true``, ``[1, 2]``)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. agent.beta=0.5")
+        value = yaml.safe_load(text) if text.strip() else None
+        node = raw.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: invalid YAML or invalid values (the message names the field).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))

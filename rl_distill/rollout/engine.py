@@ -1,0 +1,431 @@
+"""The one batched rollout core: sample from a policy with a KV cache, score with the teacher.
+
+Every agent and environment goes through :class:`RolloutEngine`:
+
+1. :meth:`RolloutEngine.generate` samples ``B`` completions from a model (the student, or the
+   teacher for SeqKD) token by token with a KV cache, stopping each sequence at EOS;
+2. :meth:`RolloutEngine.score` runs the teacher once, causally, over prompt + completion under
+   ``torch.inference_mode`` and keeps logits only at the completion positions;
+3. :meth:`RolloutEngine.rollout` does both and returns a :class:`Rollout`.
+
+:func:`completion_logits` is the shared "logits at completion positions" forward, used for the
+teacher here and for the student's gradient forward in the agents.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rl_distill.models.loading import VocabInfo, check_pair
+from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError
+
+TeacherOutput = Literal["none", "full", "topk"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled.
+
+    Attributes:
+        max_new_tokens: completion budget per sequence.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_k: keep the ``top_k`` most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with completions and their per-token scores.
+
+    Shapes: ``B`` sequences, ``P`` padded prompt length, ``T`` completion length (the longest
+    completion in the batch), ``V`` the shared vocabulary size.
+
+    Attributes:
+        prompt_ids: ``(B, P)`` left-padded prompts.
+        prompt_mask: ``(B, P)`` 1 on real prompt tokens.
+        completion_ids: ``(B, T)`` sampled tokens; pad id after a sequence's EOS.
+        completion_mask: ``(B, T)`` bool, True on real completion tokens (EOS included).
+        logprobs: ``(B, T)`` log-prob of each token under the sampling model at the sampling
+            temperature (full softmax, before top-k/top-p), 0 where masked. For on-policy
+            rollouts this is ``log pS``.
+        teacher_logprobs: ``(B, T)`` teacher log-probs of the same tokens (temperature 1), or None.
+        teacher_logits: ``(B, T, V)`` teacher logits at the completion positions, when asked.
+        teacher_topk_logprobs: ``(B, T, k)`` the teacher's k largest log-probs, when asked.
+        teacher_topk_ids: ``(B, T, k)`` their token ids.
+        texts: prompt strings.
+        timings: seconds spent in ``generate`` and ``score``.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    logprobs: Tensor
+    teacher_logprobs: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    teacher_topk_logprobs: Tensor | None = None
+    teacher_topk_ids: Tensor | None = None
+    texts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """``(B, P + T)`` prompt followed by completion."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """``(B, P + T)`` 1 on real prompt and completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(B,)`` number of completion tokens per sequence."""
+        return self.completion_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, num_completion: int, vocab_size: int
+) -> Tensor:
+    """Logits that predict the last ``num_completion`` tokens of ``input_ids``, from one causal forward.
+
+    The last token is not fed (nothing reads its prediction) and logits are kept only for the
+    ``num_completion`` positions that predict completion tokens: no ``(B, P, V)`` prompt logits.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``(B, P + T)`` prompt and completion.
+        attention_mask: ``(B, P + T)``.
+        num_completion: ``T``.
+        vocab_size: the tokenizer's vocabulary size; wider logits (padding rows) are cut off.
+
+    Returns:
+        ``(B, T, V)`` logits; ``[:, t]`` is the distribution of completion token ``t``.
+    """
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+        logits_to_keep=num_completion,
+    )
+    logits = out.logits  # (B, T, V_model)
+    return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Mask all but the top-k / top-p tokens with -inf. ``logits``: ``(B, V)`` (already tempered)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token if the mass before it already reaches top_p (the top token is always kept).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class RolloutEngine:
+    """Batched sampling and teacher scoring for a student/teacher pair sharing one tokenizer.
+
+    Args:
+        student: the policy being trained.
+        teacher: the frozen teacher (put in eval mode, never given gradients).
+        tokenizer: the shared tokenizer (pad token set).
+        chat_template: passed to :class:`PromptEncoder` (None = use it if the tokenizer has one).
+        max_prompt_length: longest allowed prompt in tokens; default: the context length minus
+            nothing (checked against ``max_new_tokens`` at sampling time).
+        stop_token_ids: extra token ids that end a sequence besides the tokenizer's EOS.
+
+    Raises:
+        TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        chat_template: bool | None = None,
+        max_prompt_length: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vocab: VocabInfo = check_pair(teacher, student, tokenizer)
+        self.encoder = PromptEncoder(
+            tokenizer, chat_template=chat_template, max_prompt_length=max_prompt_length
+        )
+        stops = set(stop_token_ids)
+        if tokenizer.eos_token_id is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        if not stops:
+            raise ValueError("no stop token: the tokenizer has no EOS id and no stop_token_ids were given")
+        self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops))
+        self.context_length = min(
+            _context_length(student) or 1 << 30,
+            _context_length(teacher) or 1 << 30,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the student's parameters."""
+        return next(self.student.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Shared vocabulary size (logits are cut to this width)."""
+        return self.vocab.vocab_size
+
+    def encode(self, prompts: Sequence[str] | PromptBatch) -> PromptBatch:
+        """Tokenise (cached) and left-pad prompts on the student's device."""
+        if isinstance(prompts, PromptBatch):
+            return prompts
+        return self.encoder(prompts, device=self.device)
+
+    def _check_fits(self, prompts: PromptBatch, max_new_tokens: int) -> None:
+        longest = int(prompts.attention_mask.sum(-1).max())
+        if longest + max_new_tokens > self.context_length:
+            raise PromptTooLongError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context length "
+                f"{self.context_length}"
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str] | PromptBatch,
+        sampling: SamplingConfig,
+        *,
+        model: PreTrainedModel | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Sample one completion per prompt with a KV cache; no teacher scores yet.
+
+        Args:
+            prompts: prompt strings or an encoded batch.
+            sampling: temperature (0 = greedy), top-k, top-p, budget.
+            model: the sampler, default the student (pass the teacher for SeqKD data).
+            generator: RNG for sampling (reproducible rollouts).
+
+        Returns:
+            A :class:`Rollout` with ``logprobs`` of the sampler at the sampling temperature.
+        """
+        model = self.student if model is None else model
+        batch = self.encode(prompts)
+        self._check_fits(batch, sampling.max_new_tokens)
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        device = batch.input_ids.device
+        stop_ids = self.stop_ids.to(device)
+        bsz, vocab = len(batch), self.vocab_size
+        mask = batch.attention_mask
+        positions = position_ids_from_mask(mask)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        tokens, logps, alive = [], [], []
+
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_pos = positions[:, -1:] + 1  # (B, 1)
+        for step in range(sampling.max_new_tokens):
+            logits = out.logits[:, -1, :vocab].float()  # (B, V)
+            temp = sampling.temperature if sampling.temperature > 0 else 1.0
+            logp_all = torch.log_softmax(logits / temp, dim=-1)
+            if sampling.temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                filtered = _filter_logits(logits / temp, sampling.top_k, sampling.top_p)
+                tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+            tok = tok.masked_fill(finished, self.pad_id)
+            tokens.append(tok)
+            logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+            alive.append(~finished)
+            finished = finished | torch.isin(tok, stop_ids)
+            if bool(finished.all()) or step == sampling.max_new_tokens - 1:
+                break
+            # The new token is attended to only if it is a real token (finished rows feed padding).
+            mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+        if was_training:
+            model.train()
+        completion_mask = torch.stack(alive, dim=1)  # (B, T)
+        return Rollout(
+            prompt_ids=batch.input_ids,
+            prompt_mask=batch.attention_mask,
+            completion_ids=torch.stack(tokens, dim=1),
+            completion_mask=completion_mask,
+            logprobs=torch.stack(logps, dim=1),
+            texts=batch.texts,
+            timings={"generate": time.perf_counter() - start},
+        )
+
+    def from_completions(
+        self, prompts: Sequence[str] | PromptBatch, completions: Sequence[str] | Sequence[Sequence[int]]
+    ) -> Rollout:
+        """Build a rollout from fixed completions (dataset references): tokenised, EOS appended.
+
+        ``logprobs`` is left at zero (no sampler); call :meth:`score` for the teacher.
+        """
+        batch = self.encode(prompts)
+        if len(completions) != len(batch):
+            raise ValueError(f"got {len(completions)} completions for {len(batch)} prompts")
+        eos = (
+            int(self.stop_ids[0]) if self.tokenizer.eos_token_id is None else int(self.tokenizer.eos_token_id)
+        )
+        seqs = []
+        for c in completions:
+            ids = (
+                list(c)
+                if not isinstance(c, str)
+                else self.tokenizer(c, add_special_tokens=False)["input_ids"]
+            )
+            if not ids or ids[-1] != eos:
+                ids = [*ids, eos]
+            seqs.append(ids)
+        width = max(len(s) for s in seqs)
+        self._check_fits(batch, width)
+        device = batch.input_ids.device
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=device)
+        cmask = torch.zeros((len(seqs), width), dtype=torch.bool, device=device)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            cmask[row, : len(s)] = True
+        return Rollout(
+            prompt_ids=batch.input_ids,
+            prompt_mask=batch.attention_mask,
+            completion_ids=ids,
+            completion_mask=cmask,
+            logprobs=torch.zeros(ids.shape, dtype=torch.float32, device=device),
+            texts=batch.texts,
+        )
+
+    def score(self, rollout: Rollout, *, teacher_output: TeacherOutput = "none", top_k: int = 0) -> Rollout:
+        """Score the rollout's completions with the teacher in one causal forward.
+
+        Fills ``teacher_logprobs`` (temperature 1) and, when asked, ``teacher_logits`` (full) or the
+        top-k teacher log-probs. Modifies and returns ``rollout``.
+
+        Args:
+            rollout: from :meth:`generate` or :meth:`from_completions`.
+            teacher_output: ``"none"``, ``"full"`` (``(B, T, V)`` logits) or ``"topk"``.
+            top_k: k for ``"topk"``.
+        """
+        if teacher_output not in ("none", "full", "topk"):
+            raise ValueError(f"teacher_output must be 'none', 'full' or 'topk', got {teacher_output!r}")
+        if teacher_output == "topk" and top_k < 1:
+            raise ValueError("teacher_output='topk' needs top_k >= 1")
+        start = time.perf_counter()
+        num = rollout.completion_ids.shape[1]
+        with torch.inference_mode():
+            logits = completion_logits(
+                self.teacher, rollout.input_ids, rollout.attention_mask, num, self.vocab_size
+            )
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            tok_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+            tok_logp = tok_logp.masked_fill(~rollout.completion_mask, 0.0)
+            topk = logp.topk(min(top_k, logp.shape[-1]), dim=-1) if teacher_output == "topk" else None
+        # Small outputs are cloned out of inference mode so that agents may use them in autograd
+        # graphs (inference tensors cannot be saved for backward). The full logits stay inference
+        # tensors: the divergences read them without saving them.
+        rollout.teacher_logprobs = tok_logp.clone()
+        if teacher_output == "full":
+            rollout.teacher_logits = logits
+        elif topk is not None:
+            rollout.teacher_topk_logprobs, rollout.teacher_topk_ids = (
+                topk.values.clone(),
+                topk.indices.clone(),
+            )
+        rollout.timings["score"] = time.perf_counter() - start
+        return rollout
+
+    def score_student(self, rollout: Rollout) -> Tensor:
+        """Student logits ``(B, T, V)`` at the rollout's completion positions (gradient if enabled)."""
+        return completion_logits(
+            self.student,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.completion_ids.shape[1],
+            self.vocab_size,
+        )
+
+    def rollout(
+        self,
+        prompts: Sequence[str] | PromptBatch,
+        sampling: SamplingConfig,
+        *,
+        teacher_output: TeacherOutput = "none",
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """Sample from the student, then score with the teacher: :meth:`generate` + :meth:`score`."""
+        out = self.generate(prompts, sampling, generator=generator)
+        return self.score(out, teacher_output=teacher_output, top_k=top_k)
+
+    def decode(self, rollout: Rollout) -> list[str]:
+        """Completion texts (special tokens and everything after EOS dropped)."""
+        texts = []
+        for ids, m in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+            texts.append(
+                self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=True)
+            )
+        return texts
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

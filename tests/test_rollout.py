@@ -1,0 +1,155 @@
+import pytest
+import torch
+
+from rl_distill.models import tiny_llama
+from rl_distill.rollout import (
+    PromptTooLongError,
+    RolloutEngine,
+    SamplingConfig,
+    completion_logits,
+    position_ids_from_mask,
+)
+
+PROMPTS = ["1+2=", "hello there, friend", "x"]
+GREEDY = SamplingConfig(max_new_tokens=10, temperature=0.0)
+
+
+def plain_token_logprobs(model, rollout, vocab):
+    """Reference: one full forward over prompt + completion, no logits_to_keep, no cache."""
+    with torch.no_grad():
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        logp = logits[..., :vocab].float().log_softmax(-1)
+        p = rollout.prompt_ids.shape[1]
+        tok = logp[:, p - 1 : -1].gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+    return tok * rollout.completion_mask
+
+
+def test_teacher_logprobs_equal_plain_forward(engine, teacher, tokenizer):
+    gen = torch.Generator().manual_seed(0)
+    r = engine.rollout(PROMPTS, SamplingConfig(max_new_tokens=12), generator=gen)
+    ref = plain_token_logprobs(teacher, r, len(tokenizer))
+    torch.testing.assert_close(r.teacher_logprobs, ref, atol=1e-5, rtol=0)
+    assert r.teacher_logprobs.shape == r.completion_ids.shape
+
+
+def test_sampling_logprobs_equal_student_recompute(engine, student, tokenizer):
+    gen = torch.Generator().manual_seed(1)
+    r = engine.generate(PROMPTS, SamplingConfig(max_new_tokens=12), generator=gen)
+    ref = plain_token_logprobs(student, r, len(tokenizer))
+    torch.testing.assert_close(r.logprobs, ref, atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(engine):
+    batch = engine.rollout(PROMPTS, GREEDY, teacher_output="full")
+    for i, prompt in enumerate(PROMPTS):
+        single = engine.rollout([prompt], GREEDY, teacher_output="full")
+        n = single.completion_ids.shape[1]
+        assert torch.equal(single.completion_ids[0], batch.completion_ids[i, :n])
+        assert torch.equal(single.completion_mask[0], batch.completion_mask[i, :n])
+        torch.testing.assert_close(
+            single.teacher_logprobs[0], batch.teacher_logprobs[i, :n], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(single.logprobs[0], batch.logprobs[i, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(single.teacher_logits[0], batch.teacher_logits[i, :n], atol=1e-4, rtol=0)
+
+
+def test_eos_stops_a_sequence_and_masks_what_follows(student, teacher, tokenizer):
+    free = RolloutEngine(student, teacher, tokenizer).generate(PROMPTS, GREEDY)
+    stop = int(free.completion_ids[0, 3])  # greedy emits this token at step 3 of row 0
+    engine = RolloutEngine(student, teacher, tokenizer, stop_token_ids=[stop])
+    r = engine.score(engine.generate(PROMPTS, GREEDY))
+    for row in range(len(PROMPTS)):
+        ids, mask = r.completion_ids[row], r.completion_mask[row]
+        hits = (free.completion_ids[row] == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else GREEDY.max_new_tokens
+        assert mask[:end].all() and not mask[end:].any()
+        assert (ids[end:] == tokenizer.pad_token_id).all()
+        assert torch.equal(ids[:end], free.completion_ids[row, :end])  # same tokens up to the stop
+        assert (r.logprobs[row, end:] == 0).all() and (r.teacher_logprobs[row, end:] == 0).all()
+    assert int(r.lengths[0]) == 4
+    # Once every sequence has stopped, generation ends early.
+    assert r.completion_ids.shape[1] == int(r.lengths.max())
+
+
+def test_same_generator_seed_gives_same_samples(engine):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    a = engine.generate(PROMPTS, cfg, generator=torch.Generator().manual_seed(5))
+    b = engine.generate(PROMPTS, cfg, generator=torch.Generator().manual_seed(5))
+    c = engine.generate(PROMPTS, cfg, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate(PROMPTS, GREEDY)
+    topk1 = engine.generate(
+        PROMPTS,
+        SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(greedy.completion_ids, topk1.completion_ids)
+
+
+def test_top_p_tiny_is_greedy(engine):
+    greedy = engine.generate(PROMPTS, GREEDY)
+    nucleus = engine.generate(
+        PROMPTS, SamplingConfig(max_new_tokens=10, top_p=1e-6), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(greedy.completion_ids, nucleus.completion_ids)
+
+
+def test_padding_rows_of_the_logits_are_never_sampled(tokenizer, teacher):
+    vocab = len(tokenizer)
+    student = tiny_llama(vocab + 6, seed=3)
+    with torch.no_grad():  # make the padding rows overwhelmingly likely
+        student.lm_head.weight[vocab:] = 50.0 * student.lm_head.weight[:1].sign()
+    engine = RolloutEngine(student, teacher, tokenizer)
+    r = engine.rollout(PROMPTS * 4, SamplingConfig(max_new_tokens=16), teacher_output="full")
+    assert int(r.completion_ids.max()) < vocab
+    assert r.teacher_logits.shape[-1] == vocab
+
+
+def test_completion_logits_keep_only_completion_positions(engine, teacher, tokenizer):
+    r = engine.generate(PROMPTS, GREEDY)
+    t = r.completion_ids.shape[1]
+    kept = completion_logits(teacher, r.input_ids, r.attention_mask, t, len(tokenizer))
+    ids, mask = r.input_ids, r.attention_mask
+    with torch.no_grad():
+        full = teacher(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    assert kept.shape == (len(PROMPTS), t, len(tokenizer))
+    torch.testing.assert_close(kept, full[:, -t - 1 : -1, : len(tokenizer)], atol=1e-5, rtol=0)
+
+
+def test_topk_teacher_output_matches_full(engine):
+    full = engine.rollout(PROMPTS, GREEDY, teacher_output="full")
+    topk = engine.score(engine.generate(PROMPTS, GREEDY), teacher_output="topk", top_k=5)
+    ref = full.teacher_logits.float().log_softmax(-1).topk(5, dim=-1)
+    torch.testing.assert_close(topk.teacher_topk_logprobs, ref.values)
+    assert torch.equal(topk.teacher_topk_ids, ref.indices)
+
+
+def test_from_completions_appends_eos_and_masks(engine, tokenizer):
+    r = engine.from_completions(["a", "bb"], ["xyz", "q"])
+    eos = tokenizer.eos_token_id
+    assert r.completion_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert r.completion_ids[0, 3] == eos and r.completion_ids[1, 1] == eos
+    assert engine.decode(r) == ["xyz", "q"]
+
+
+def test_prompt_too_long_is_a_clear_error(student, teacher, tokenizer):
+    engine = RolloutEngine(student, teacher, tokenizer, max_prompt_length=5)
+    with pytest.raises(PromptTooLongError, match="max_prompt_length=5"):
+        engine.generate(["this prompt is long"], GREEDY)
+    ctx = RolloutEngine(student, teacher, tokenizer)
+    with pytest.raises(PromptTooLongError, match="context length 512"):
+        ctx.generate(["a" * 500], SamplingConfig(max_new_tokens=20))
+
+
+def test_sampling_config_range_checks():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
