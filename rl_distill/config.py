@@ -219,13 +219,9 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> A
         )
     for name, value in values.items():
         tp = hints[name]
-        if (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and _type_ok(float(value), tp)
-            and not _type_ok(value, tp)
-        ):
-            values[name] = value = float(value)
+        accepts = typing.get_args(tp) or (tp,)
+        if isinstance(value, int) and not isinstance(value, bool) and float in accepts and int not in accepts:
+            values[name] = value = float(value)  # YAML reads "1" as int; the field is a float
         if not _type_ok(value, tp):
             raise ConfigError(f"{section}.{name}: expected {_describe_type(tp)}, got {value!r}")
     try:
