@@ -84,7 +84,7 @@ def sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             print(
                 f"  sft step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True
