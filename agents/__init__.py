@@ -1,11 +1,30 @@
-"""Agents: one file per algorithm. The trainer looks them up by name in :data:`AGENTS`."""
+"""Agents: one file per algorithm. The trainer looks them up by name in :data:`AGENTS`.
+
+Every agent is built as ``cls(engine, optimizer, config, max_grad_norm=..., generator=...,
+reward=None)`` and trained by ``agent.update(batch) -> metrics``; see :mod:`rl_distill.agents.base`
+for the contract on the agents' own parameters (value heads) and the optimizer.
+"""
 
 from rl_distill.agents.base import Agent
-from rl_distill.agents.gkd import GKDAgent, GKDConfig
+from rl_distill.agents.gkd import SPECIAL_CASES, GKDAgent, GKDConfig
+from rl_distill.agents.ppo import PPOAgent, PPOConfig
+from rl_distill.agents.reinforce import REINFORCEAgent, REINFORCEConfig
 
 #: name -> (agent class, its config dataclass)
 AGENTS: dict[str, tuple[type[Agent], type]] = {
     "gkd": (GKDAgent, GKDConfig),
+    "reinforce": (REINFORCEAgent, REINFORCEConfig),
+    "ppo": (PPOAgent, PPOConfig),
 }
 
-__all__ = ["AGENTS", "Agent", "GKDAgent", "GKDConfig"]
+__all__ = [
+    "AGENTS",
+    "SPECIAL_CASES",
+    "Agent",
+    "GKDAgent",
+    "GKDConfig",
+    "PPOAgent",
+    "PPOConfig",
+    "REINFORCEAgent",
+    "REINFORCEConfig",
+]

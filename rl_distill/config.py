@@ -1,11 +1,12 @@
 """Run configuration: dataclasses loaded from YAML with ``--set section.field=value`` overrides.
 
-A config file has four sections::
+A config file has up to five sections (every field has a default, so any may be left out)::
 
     model: {teacher: smollm2-135m-instruct, student_layers: 6}
     data:  {task: instructions, num_train: 256, num_eval: 16}
     agent: {name: gkd, divergence: jsd, beta: 0.5, lmbda: 1.0}
-    train: {steps: 100, batch_size: 4, lr: 1.0e-4}
+    train: {steps: 100, batch_size: 4, lr: 1.0e-4, save_every: 50, keep_last: 2}
+    eval:  {greedy: true, num_samples: 8, reward: auto}
 
 Every field has a docstring and a range check; a bad value fails at load time with the field's
 full name (``agent.beta``) and what is allowed. Unknown fields are errors too (typos do not pass
@@ -128,12 +129,18 @@ class TrainConfig:
     """Write TensorBoard event files next to ``metrics.jsonl``."""
     threads: int = 0
     """``torch.set_num_threads`` (0: leave PyTorch's default)."""
+    save_every: int = 0
+    """Write a resumable checkpoint to ``output_dir/checkpoints/step-N`` every N steps (0: never)."""
+    keep_last: int = 2
+    """Keep only the newest K checkpoints (older ones are deleted after a new one is complete)."""
+    max_consecutive_skips: int = 10
+    """Abort (after writing a checkpoint) when this many steps in a row had a non-finite loss or gradient."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size"):
+        for name in ("steps", "batch_size", "eval_batch_size", "keep_last", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "threads", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -144,9 +151,69 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm: must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
 
 
+#: The reward evaluation uses for a task when ``eval.reward`` is ``auto`` and the agent has none.
+TASK_EVAL_REWARDS: dict[str, str] = {"arithmetic": "exact_match", "factual_summary": "factual_consistency"}
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (its schedule, batch size and seed are ``train.eval_*``)."""
+
+    sampled: bool = True
+    """Evaluate on completions sampled at the agent's temperature (keys ``eval/...``)."""
+    greedy: bool = False
+    """Also evaluate on greedy completions (temperature 0; keys ``eval/greedy/...``)."""
+    num_samples: int = 8
+    """Completions written to ``output_dir/samples.jsonl`` per evaluation and decoding (0: none)."""
+    max_new_tokens: int | None = None
+    """Completion budget at evaluation; None: the agent's ``max_new_tokens``."""
+    reward: str | dict[str, Any] | None = "auto"
+    """Reward averaged into ``eval/<name>`` (``exact_match`` = verifier accuracy): a name, ``module:function``,
+    a spec dict (see ``rl_distill.rewards.registry``), null for none, or ``auto``: the agent's reward if it
+    has one, else the task's (``arithmetic``: exact_match, ``factual_summary``: factual_consistency)."""
+
+    def __post_init__(self) -> None:
+        if not (self.sampled or self.greedy):
+            raise ConfigError("sampled: at least one of sampled and greedy must be true")
+        if self.num_samples < 0:
+            raise ConfigError(f"num_samples: must be >= 0, got {self.num_samples}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1 or null, got {self.max_new_tokens}")
+        check_reward_spec(self.reward, "reward", allow_auto=True)
+
+
+def check_reward_spec(spec: Any, field_name: str, *, allow_auto: bool = False) -> None:
+    """Validate a reward spec's shape and built-in name at load time (nothing is constructed).
+
+    Raises:
+        ConfigError: naming ``field_name`` and the accepted values.
+    """
+    from rl_distill.rewards.registry import available_rewards
+
+    allowed = ", ".join([*(["auto"] if allow_auto else []), *available_rewards()])
+    if spec is None or (allow_auto and spec == "auto"):
+        return
+    if isinstance(spec, dict):
+        if "weighted_sum" not in spec and "name" not in spec:
+            raise ConfigError(
+                f"{field_name}: a reward spec dict needs 'name' or 'weighted_sum', got {sorted(spec)}"
+            )
+        if "name" in spec:
+            check_reward_spec(spec["name"], field_name)
+        return
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(
+            f"{field_name}: expected a reward name, 'module:function' or a spec dict, got {spec!r}"
+        )
+    if ":" not in spec and spec not in available_rewards():
+        raise ConfigError(
+            f"{field_name}: unknown reward {spec!r}; choose one of {allowed}, null, or 'module:function'"
+        )
+
+
 @dataclass
 class Config:
-    """A whole run: model, data, agent and training loop."""
+    """A whole run: model, data, agent, training loop and evaluation."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Teacher and student."""
@@ -158,6 +225,8 @@ class Config:
     """Loop settings."""
     agent_name: str = "gkd"
     """Registry name of the agent (from ``agent.name`` in YAML)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation options."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``load_config`` accepts back)."""
@@ -167,6 +236,7 @@ class Config:
             "data": dataclasses.asdict(self.data),
             "agent": {"name": self.agent_name, **agent},
             "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
         }
 
 
@@ -234,18 +304,21 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> A
         raise ConfigError(f"{section}.{msg}" if name in known else f"{section}: {msg}") from None
 
 
+SECTIONS = ("model", "data", "agent", "train", "eval")
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a nested dict into a :class:`Config`."""
     from rl_distill.agents import AGENTS
 
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"a config must be a mapping with sections model/data/agent/train, got {type(raw).__name__}"
+            f"a config must be a mapping with sections {'/'.join(SECTIONS)}, got {type(raw).__name__}"
         )
-    unknown = sorted(set(raw) - {"model", "data", "agent", "train"})
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; expected model, data, agent, train")
-    for section in ("model", "data", "agent", "train"):
+        raise ConfigError(f"{unknown[0]}: unknown section; expected {', '.join(SECTIONS)}")
+    for section in SECTIONS:
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: must be a mapping, got {raw[section]!r}")
     agent_raw = dict(raw.get("agent") or {})
@@ -255,12 +328,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             f"agent.name: unknown agent {agent_name!r}; choose one of {', '.join(sorted(AGENTS))}"
         )
     _, agent_cls = AGENTS[agent_name]
+    agent = build_dataclass(agent_cls, agent_raw, "agent")
+    if isinstance(getattr(agent, "reward", None), str | dict):
+        check_reward_spec(agent.reward, "agent.reward")
     return Config(
         model=build_dataclass(ModelConfig, raw.get("model"), "model"),
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
-        agent=build_dataclass(agent_cls, agent_raw, "agent"),
+        agent=agent,
         train=build_dataclass(TrainConfig, raw.get("train"), "train"),
         agent_name=agent_name,
+        eval=build_dataclass(EvalConfig, raw.get("eval"), "eval"),
     )
 
 

@@ -1,8 +1,20 @@
-"""Held-out evaluation: token-level divergence of the student to the teacher on the student's samples."""
+"""Held-out evaluation: divergence of the student to the teacher on the student's own completions.
+
+For each held-out prompt the student writes a completion (sampled at a fixed seed, or greedy), the
+teacher scores it, and we record the paper-Eq.-2 token-level divergences on that sequence, its
+length, the teacher's mean log-prob of its tokens and, when a reward is configured, the reward
+(``exact_match`` gives verifier accuracy, ``factual_consistency`` factuality). Per-example rows are
+the unit: the trainer gathers them across processes, averages them with :func:`summarize_rows` and
+writes some to ``samples.jsonl`` with :func:`write_samples`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -10,8 +22,104 @@ from rl_distill.divergences import forward_kl, generalized_jsd, reverse_kl
 from rl_distill.rollout import RolloutEngine, SamplingConfig
 from rl_distill.tasks import Example
 
+#: Per-example metrics, in the order they are reported.
+METRICS = ("jsd", "forward_kl", "reverse_kl", "completion_length", "teacher_logprob")
+
+
+def metric_name(reward_name: str) -> str:
+    """A reward's name as a metric key suffix: ``fixtures:my_reward`` -> ``fixtures_my_reward``."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", reward_name).strip("_") or "reward"
+
+
+def metadata_lists(examples: Sequence[Example]) -> dict[str, list[Any]]:
+    """Metadata keys every example has, as lists aligned with ``examples`` (the reward contract)."""
+    if not examples:
+        return {}
+    keys = set(examples[0].metadata)
+    for ex in examples[1:]:
+        keys &= set(ex.metadata)
+    return {key: [ex.metadata[key] for ex in examples] for key in sorted(keys)}
+
 
 @torch.no_grad()
+def evaluation_rows(
+    engine: RolloutEngine,
+    examples: Sequence[Example],
+    *,
+    sampling: SamplingConfig,
+    batch_size: int = 8,
+    seed: int = 1234,
+    beta: float = 0.5,
+    reward: Callable[..., list[float]] | None = None,
+    first_index: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per example: prompt, completion, reference, divergences, length, teacher log-prob, reward.
+
+    Completions come from the student with a generator seeded with ``seed`` (two evaluations of the
+    same student see the same random stream); ``sampling.temperature == 0`` is greedy decoding, and
+    the divergences are then taken at temperature 1.
+
+    Args:
+        engine: rollout engine.
+        examples: held-out examples.
+        sampling: how the student decodes.
+        batch_size: prompts per batch.
+        seed: seed of the evaluation sampler.
+        beta: beta of the reported JSD.
+        reward: optional reward called as ``reward(prompts, completions, **metadata)``.
+        first_index: index of ``examples[0]`` in the whole eval split (rows carry ``index``).
+
+    Returns:
+        Rows with keys ``index``, ``prompt``, ``reference``, ``completion``, the :data:`METRICS`
+        and ``reward`` (None without a reward).
+    """
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
+    temp = sampling.temperature if sampling.temperature > 0 else 1.0
+    rows: list[dict[str, Any]] = []
+    for lo in range(0, len(examples), batch_size):
+        batch = list(examples[lo : lo + batch_size])
+        prompts = [ex.prompt for ex in batch]
+        r = engine.rollout(prompts, sampling, teacher_output="full", generator=generator)
+        t, s, m = r.teacher_logits, engine.score_student(r), r.completion_mask  # (B, T, V), (B, T, V), (B, T)
+        per_seq = {
+            "jsd": generalized_jsd(t, s, m, beta=beta, temperature=temp, reduction="sequence"),
+            "forward_kl": forward_kl(t, s, m, temperature=temp, reduction="sequence"),
+            "reverse_kl": reverse_kl(t, s, m, temperature=temp, reduction="sequence"),
+            "completion_length": r.lengths.float(),
+            "teacher_logprob": r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1),
+        }  # each (B,)
+        completions = engine.decode(r)
+        rewards = reward(prompts, completions, **metadata_lists(batch)) if reward is not None else None
+        for i, ex in enumerate(batch):
+            row: dict[str, Any] = {
+                "index": first_index + lo + i,
+                "prompt": ex.prompt,
+                "reference": ex.reference,
+                "completion": completions[i],
+            }
+            row.update({k: float(v[i]) for k, v in per_seq.items()})
+            row["reward"] = rewards[i] if rewards is not None else None
+            rows.append(row)
+    return rows
+
+
+def summarize_rows(
+    rows: Sequence[dict[str, Any]], *, prefix: str = "eval/", reward_name: str | None = None
+) -> dict[str, float]:
+    """Means over examples: ``<prefix>jsd`` ... and ``<prefix><reward name>`` when rows carry rewards.
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("held-out evaluation needs at least one example")
+    n = len(rows)
+    out = {f"{prefix}{k}": sum(row[k] for row in rows) / n for k in METRICS}
+    if reward_name is not None and all(row.get("reward") is not None for row in rows):
+        out[f"{prefix}{metric_name(reward_name)}"] = sum(row["reward"] for row in rows) / n
+    return out
+
+
 def heldout_divergence(
     engine: RolloutEngine,
     examples: Sequence[Example],
@@ -23,17 +131,7 @@ def heldout_divergence(
 ) -> dict[str, float]:
     """Mean paper-Eq.-2 divergences of the student to the teacher on held-out prompts.
 
-    Completions are sampled from the student with a fixed seed (so two evaluations of the same
-    student see the same random stream), scored by the teacher, and every divergence is averaged
-    per sequence (Eq. 2) and then over sequences.
-
-    Args:
-        engine: rollout engine.
-        examples: held-out examples.
-        sampling: how the student samples (use the training temperature for an on-policy measure).
-        batch_size: prompts per batch.
-        seed: seed of the evaluation sampler.
-        beta: beta of the reported JSD.
+    Every divergence is averaged per sequence (Eq. 2) and then over sequences.
 
     Returns:
         ``eval/jsd``, ``eval/forward_kl``, ``eval/reverse_kl`` (nats per token, mean over sequences),
@@ -41,26 +139,18 @@ def heldout_divergence(
     """
     if not examples:
         raise ValueError("held-out evaluation needs at least one example")
-    generator = torch.Generator(device=engine.device).manual_seed(seed)
-    totals: dict[str, float] = {"jsd": 0.0, "forward_kl": 0.0, "reverse_kl": 0.0, "length": 0.0, "tlogp": 0.0}
-    for lo in range(0, len(examples), batch_size):
-        prompts = [ex.prompt for ex in examples[lo : lo + batch_size]]
-        r = engine.rollout(prompts, sampling, teacher_output="full", generator=generator)
-        student_logits = engine.score_student(r)  # (B, T, V)
-        t, s, m = r.teacher_logits, student_logits, r.completion_mask
-        temp = sampling.temperature if sampling.temperature > 0 else 1.0
-        totals["jsd"] += float(
-            generalized_jsd(t, s, m, beta=beta, temperature=temp, reduction="sequence").sum()
-        )
-        totals["forward_kl"] += float(forward_kl(t, s, m, temperature=temp, reduction="sequence").sum())
-        totals["reverse_kl"] += float(reverse_kl(t, s, m, temperature=temp, reduction="sequence").sum())
-        totals["length"] += float(r.lengths.sum())
-        totals["tlogp"] += float((r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1)).sum())
-    n = len(examples)
-    return {
-        "eval/jsd": totals["jsd"] / n,
-        "eval/forward_kl": totals["forward_kl"] / n,
-        "eval/reverse_kl": totals["reverse_kl"] / n,
-        "eval/completion_length": totals["length"] / n,
-        "eval/teacher_logprob": totals["tlogp"] / n,
-    }
+    rows = evaluation_rows(engine, examples, sampling=sampling, batch_size=batch_size, seed=seed, beta=beta)
+    return summarize_rows(rows)
+
+
+def write_samples(
+    path: str | Path, rows: Sequence[dict[str, Any]], *, step: int, decoding: str, limit: int
+) -> None:
+    """Append the first ``limit`` rows (by ``index``) to a JSONL file, tagged with step and decoding."""
+    if limit <= 0:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        for row in sorted(rows, key=lambda r: r["index"])[:limit]:
+            fh.write(json.dumps({"step": step, "decoding": decoding, **row}) + "\n")

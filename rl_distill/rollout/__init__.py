@@ -7,9 +7,12 @@ from rl_distill.rollout.engine import (
     completion_logits,
     position_ids_from_mask,
 )
+from rl_distill.rollout.incremental import IncrementalScorer, IncrementalState
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError
 
 __all__ = [
+    "IncrementalScorer",
+    "IncrementalState",
     "PromptBatch",
     "PromptEncoder",
     "PromptTooLongError",

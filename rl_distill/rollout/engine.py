@@ -8,8 +8,9 @@ Every agent and environment goes through :class:`RolloutEngine`:
    ``torch.inference_mode`` and keeps logits only at the completion positions;
 3. :meth:`RolloutEngine.rollout` does both and returns a :class:`Rollout`.
 
-:func:`completion_logits` is the shared "logits at completion positions" forward, used for the
-teacher here and for the student's gradient forward in the agents.
+:func:`completion_forward` is the shared "logits at completion positions" forward (with the last
+hidden states when a value head needs them), used for the teacher here and for the student's
+gradient forward in the agents.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError
+
+if TYPE_CHECKING:
+    from rl_distill.rollout.incremental import IncrementalScorer
 
 TeacherOutput = Literal["none", "full", "topk"]
 
@@ -115,10 +119,16 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logits(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, num_completion: int, vocab_size: int
-) -> Tensor:
-    """Logits that predict the last ``num_completion`` tokens of ``input_ids``, from one causal forward.
+def completion_forward(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_completion: int,
+    vocab_size: int,
+    *,
+    output_hidden_states: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits (and optionally last hidden states) at the completion positions, from one causal forward.
 
     The last token is not fed (nothing reads its prediction) and logits are kept only for the
     ``num_completion`` positions that predict completion tokens: no ``(B, P, V)`` prompt logits.
@@ -129,9 +139,12 @@ def completion_logits(
         attention_mask: ``(B, P + T)``.
         num_completion: ``T``.
         vocab_size: the tokenizer's vocabulary size; wider logits (padding rows) are cut off.
+        output_hidden_states: also return the last layer's hidden states at the same positions
+            (what a value head reads), from the same forward.
 
     Returns:
-        ``(B, T, V)`` logits; ``[:, t]`` is the distribution of completion token ``t``.
+        ``(B, T, V)`` logits, where ``[:, t]`` is the distribution of completion token ``t``, and
+        ``(B, T, H)`` hidden states of the positions that predict them (None unless asked).
     """
     ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
     out = model(
@@ -140,9 +153,19 @@ def completion_logits(
         position_ids=position_ids_from_mask(mask),
         use_cache=False,
         logits_to_keep=num_completion,
+        output_hidden_states=output_hidden_states,
     )
     logits = out.logits  # (B, T, V_model)
-    return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
+    logits = logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
+    hidden = out.hidden_states[-1][:, -num_completion:] if output_hidden_states else None  # (B, T, H)
+    return logits, hidden
+
+
+def completion_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, num_completion: int, vocab_size: int
+) -> Tensor:
+    """Logits ``(B, T, V)`` that predict the last ``num_completion`` tokens: :func:`completion_forward`."""
+    return completion_forward(model, input_ids, attention_mask, num_completion, vocab_size)[0]
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -311,11 +334,21 @@ class RolloutEngine:
         )
 
     def from_completions(
-        self, prompts: Sequence[str] | PromptBatch, completions: Sequence[str] | Sequence[Sequence[int]]
+        self,
+        prompts: Sequence[str] | PromptBatch,
+        completions: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        append_eos: bool = True,
     ) -> Rollout:
         """Build a rollout from fixed completions (dataset references): tokenised, EOS appended.
 
         ``logprobs`` is left at zero (no sampler); call :meth:`score` for the teacher.
+
+        Args:
+            prompts: prompt strings or an encoded batch.
+            completions: texts or token-id lists, one per prompt.
+            append_eos: append EOS where a completion does not end with it (default). ``False``
+                keeps the tokens exactly as given (a completion cut at a token budget has no EOS).
         """
         batch = self.encode(prompts)
         if len(completions) != len(batch):
@@ -330,8 +363,10 @@ class RolloutEngine:
                 if not isinstance(c, str)
                 else self.tokenizer(c, add_special_tokens=False)["input_ids"]
             )
-            if not ids or ids[-1] != eos:
+            if append_eos and (not ids or ids[-1] != eos):
                 ids = [*ids, eos]
+            if not ids:
+                raise ValueError("a completion is empty (and append_eos=False)")
             seqs.append(ids)
         width = max(len(s) for s in seqs)
         self._check_fits(batch, width)
@@ -391,12 +426,19 @@ class RolloutEngine:
 
     def score_student(self, rollout: Rollout) -> Tensor:
         """Student logits ``(B, T, V)`` at the rollout's completion positions (gradient if enabled)."""
-        return completion_logits(
+        return self.student_forward(rollout)[0]
+
+    def student_forward(
+        self, rollout: Rollout, *, output_hidden_states: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Student logits ``(B, T, V)`` and, when asked, last hidden states ``(B, T, H)``: one forward."""
+        return completion_forward(
             self.student,
             rollout.input_ids,
             rollout.attention_mask,
             rollout.completion_ids.shape[1],
             self.vocab_size,
+            output_hidden_states=output_hidden_states,
         )
 
     def rollout(
@@ -411,6 +453,18 @@ class RolloutEngine:
         """Sample from the student, then score with the teacher: :meth:`generate` + :meth:`score`."""
         out = self.generate(prompts, sampling, generator=generator)
         return self.score(out, teacher_output=teacher_output, top_k=top_k)
+
+    def incremental_scorer(self, model: PreTrainedModel | None = None) -> IncrementalScorer:
+        """A token-by-token scorer (own KV cache) for the teacher, or for ``model`` (e.g. the student).
+
+        What environments use to give ``log pT(a_t | s_t)`` at each step without recomputing the
+        prefix; see :mod:`rl_distill.rollout.incremental`.
+        """
+        from rl_distill.rollout.incremental import IncrementalScorer  # incremental imports this module
+
+        return IncrementalScorer(
+            self.teacher if model is None else model, self.vocab_size, pad_id=self.pad_id
+        )
 
     def decode(self, rollout: Rollout) -> list[str]:
         """Completion texts (special tokens and everything after EOS dropped)."""

@@ -1,0 +1,34 @@
+"""Smoke test of benchmarks/env_overhead.py: the whole benchmark with tiny sizes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "env_overhead.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("env_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_env_overhead_benchmark_runs_and_writes_json(tmp_path):
+    threads = torch.get_num_threads()
+    out = tmp_path / "env_overhead.json"
+    args = ["--tiny-hidden", "16", "--tiny-layers", "2", "--student-layers", "1", "--batch-size", "2"]
+    args += ["--max-new-tokens", "3", "--warmup", "0", "--repeats", "2", "--threads", "1", "--out", str(out)]
+    try:
+        result = load_benchmark().main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["setup"]["batch_size"] == 2 and result["setup"]["student_layers"] == 1
+    assert len(result["env"]["rounds"]) == len(result["floor"]["rounds"]) == 2
+    assert result["env"]["tokens"] == 2 * 3  # every env step yields one real token per row
+    assert 0 < result["floor"]["tokens"] <= 2 * 3
+    assert result["env"]["tokens_per_s"] > 0 and result["floor"]["tokens_per_s"] > 0
+    assert result["time_ratio_env_over_floor"] > 0
