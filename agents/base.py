@@ -77,16 +77,27 @@ class Agent(ABC):
     #: Registry name (``agent.name`` in configs).
     name: str = ""
 
+    #: The agent's config dataclass (its defaults are used when no config is given).
+    config_cls: type = object
+
     def __init__(
         self,
         engine: RolloutEngine,
         optimizer: torch.optim.Optimizer,
+        config: Any | None = None,
         *,
         max_grad_norm: float = 1.0,
         generator: torch.Generator | None = None,
         accelerator: Any | None = None,
         reward: RewardSpec = None,
     ) -> None:
+        self.config = config if config is not None else self.config_cls()
+        alpha = getattr(self.config, "alpha", 1.0)
+        reward = reward if reward is not None else getattr(self.config, "reward", None)
+        if alpha < 1.0 and reward is None:
+            raise ValueError(
+                f"alpha < 1 ({alpha}) weights an external reward (paper Eq. 5), but none was given"
+            )
         self.engine = engine
         self.student = engine.student
         self.optimizer = optimizer

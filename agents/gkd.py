@@ -168,14 +168,8 @@ class GKDAgent(Agent):
 
     name = "gkd"
 
-    def __init__(self, engine, optimizer, config: GKDConfig | None = None, *, reward=None, **kwargs) -> None:  # noqa: D417
-        config = config or GKDConfig()
-        super().__init__(engine, optimizer, reward=reward if reward is not None else config.reward, **kwargs)
-        self.config = config
-        if config.alpha < 1.0 and self.reward is None:
-            raise ValueError(
-                f"alpha < 1 ({config.alpha}) weights an external reward (paper Eq. 5), but none was given"
-            )
+    config_cls = GKDConfig
+    config: GKDConfig
 
     # --- data -----------------------------------------------------------------------------
     def _on_policy_rows(self, batch_size: int) -> Tensor:

@@ -259,14 +259,12 @@ class PPOAgent(Agent):
 
     name = "ppo"
 
-    def __init__(self, engine, optimizer, config: PPOConfig | None = None, *, reward=None, **kwargs) -> None:  # noqa: D417
-        config = config or PPOConfig()
-        super().__init__(engine, optimizer, reward=reward if reward is not None else config.reward, **kwargs)
-        self.config = config
-        if config.alpha < 1.0 and self.reward is None:
-            raise ValueError(
-                f"alpha < 1 ({config.alpha}) weights an external reward (paper Eq. 5), but none was given"
-            )
+    config_cls = PPOConfig
+    config: PPOConfig
+
+    def __init__(self, engine, optimizer, config: PPOConfig | None = None, **kwargs) -> None:  # noqa: D417
+        super().__init__(engine, optimizer, config, **kwargs)
+        config = self.config
         head = ValueHead(hidden_size_of(self.student))
         self.value_head = self.register_trainable("value_head", head, lr=config.value_lr)
 

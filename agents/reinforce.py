@@ -232,16 +232,12 @@ class REINFORCEAgent(Agent):
 
     name = "reinforce"
 
-    def __init__(
-        self, engine, optimizer, config: REINFORCEConfig | None = None, *, reward=None, **kwargs
-    ) -> None:  # noqa: D417
-        config = config or REINFORCEConfig()
-        super().__init__(engine, optimizer, reward=reward if reward is not None else config.reward, **kwargs)
-        self.config = config
-        if config.alpha < 1.0 and self.reward is None:
-            raise ValueError(
-                f"alpha < 1 ({config.alpha}) weights an external reward (paper Eq. 5), but none was given"
-            )
+    config_cls = REINFORCEConfig
+    config: REINFORCEConfig
+
+    def __init__(self, engine, optimizer, config: REINFORCEConfig | None = None, **kwargs) -> None:  # noqa: D417
+        super().__init__(engine, optimizer, config, **kwargs)
+        config = self.config
         self.value_head: ValueHead | None = None
         if config.baseline == "value":
             head = ValueHead(hidden_size_of(self.student))

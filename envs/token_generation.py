@@ -26,7 +26,28 @@ from rl_distill.tasks import Example
 Observation = dict[str, np.ndarray]
 
 
-class TokenGenerationEnv(gym.Env[Observation, np.int64]):
+class _CoreAccessors:
+    """Read-only views of the shared :class:`TokenGenerationCore` (both env classes have one)."""
+
+    core: TokenGenerationCore
+
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine holding the teacher and the prompt encoder."""
+        return self.core.engine
+
+    @property
+    def layout(self) -> ObservationLayout:
+        """Where prompt and completion sit in each observation row."""
+        return self.core.layout
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the distillation term."""
+        return self.core.alpha
+
+
+class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
     """Generate one completion token by token; the reward is the teacher's log-prob of each token.
 
     This is the RL view of on-policy distillation (GKD, Agarwal et al. 2023, Eq. 5): the agent is
@@ -138,21 +159,6 @@ class TokenGenerationEnv(gym.Env[Observation, np.int64]):
         self.render_mode = render_mode
         self._episode_over = True
 
-    @property
-    def engine(self) -> RolloutEngine:
-        """The rollout engine holding the teacher and the prompt encoder."""
-        return self.core.engine
-
-    @property
-    def layout(self) -> ObservationLayout:
-        """Where prompt and completion sit in the observation."""
-        return self.core.layout
-
-    @property
-    def alpha(self) -> float:
-        """Weight of the distillation term."""
-        return self.core.alpha
-
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[Observation, dict[str, Any]]:
@@ -210,7 +216,7 @@ class TokenGenerationEnv(gym.Env[Observation, np.int64]):
         return self.core.rollout_from_tokens(prompts, completion_ids)
 
 
-class VectorTokenGenerationEnv(VectorEnv):
+class VectorTokenGenerationEnv(_CoreAccessors, VectorEnv):
     """``num_envs`` token-generation episodes stepped together: one batched teacher forward per step.
 
     Spaces, rewards and episode ends are those of :class:`TokenGenerationEnv` (see its docstring),
@@ -286,21 +292,6 @@ class VectorTokenGenerationEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs: list[np.random.Generator | None] = [None] * num_envs
-
-    @property
-    def engine(self) -> RolloutEngine:
-        """The rollout engine holding the teacher and the prompt encoder."""
-        return self.core.engine
-
-    @property
-    def layout(self) -> ObservationLayout:
-        """Where prompt and completion sit in each observation row."""
-        return self.core.layout
-
-    @property
-    def alpha(self) -> float:
-        """Weight of the distillation term."""
-        return self.core.alpha
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
