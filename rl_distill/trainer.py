@@ -103,8 +103,13 @@ class Trainer:
         self.student, self.tokenizer = student, tokenizer
         check_prompts_fit(self.engine, self.task, max(self.max_new_tokens, self.eval_max_new_tokens))
         self.eval_reward = build_eval_reward(config)
+        # fused=True: one kernel for all parameters (measured 1.97 -> 1.84 s per GKD step on CPU,
+        # docs/results/performance.md); supported on CPU and CUDA for floating-point parameters.
         self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
+            [p for p in student.parameters() if p.requires_grad],
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            fused=True,
         )
         # Each process samples its own stream; batches are drawn from one shared order.
         self.generator = torch.Generator(device=self.device).manual_seed(tc.seed + self.dist.rank)

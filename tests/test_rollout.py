@@ -153,3 +153,15 @@ def test_sampling_config_range_checks():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    from rl_distill.rollout.engine import sample_categorical
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, gen) for _ in range(20000)])  # (N, 2)
+    freq = torch.bincount(draws[:, 0], minlength=4).double() / len(draws)
+    # 4 standard errors of a frequency near 0.5 with 20000 draws is about 0.014
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
+    assert freq[1] == 0 and (draws[:, 1] == 3).all()  # zero-probability tokens are never drawn

@@ -168,6 +168,20 @@ def completion_logits(
     return completion_forward(model, input_ids, attention_mask, num_completion, vocab_size)[0]
 
 
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of ``probs`` ``(B, V)`` by inverse CDF: ``(B,)`` token ids.
+
+    ``torch.multinomial`` on CPU draws an exponential variate per vocabulary entry (B x V random
+    numbers per step, about 4 ms at B=4, V=49152); the inverse CDF needs B uniforms. The cumulative
+    sum is in float64; ``u`` lies in (0, 1], so a zero-probability token is never chosen (the first
+    index whose cumulative mass reaches ``u * total`` always carries mass).
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
+    return tok.clamp_(max=probs.shape[-1] - 1)
+
+
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     """Mask all but the top-k / top-p tokens with -inf. ``logits``: ``(B, V)`` (already tempered)."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -302,7 +316,7 @@ class RolloutEngine:
                 tok = logits.argmax(-1)
             else:
                 filtered = _filter_logits(logits / temp, sampling.top_k, sampling.top_p)
-                tok = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+                tok = sample_categorical(filtered.softmax(-1), generator)
             tok = tok.masked_fill(finished, self.pad_id)
             tokens.append(tok)
             logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0))
