@@ -293,6 +293,62 @@ class PPOAgent(Agent):
         return PPOBatch(rollout, logprobs, values, rewards, advantages, returns, external)
 
     # --- update phase: epochs of minibatches -----------------------------------------------
+    def minibatch_loss(self, data: PPOBatch, mb_inds: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The PPO loss of the rows ``mb_inds`` of ``data`` under the current student and value head.
+
+        ``pg_loss + vf_coef * v_loss - ent_coef * entropy`` (the entropy is detached when
+        ``ent_coef == 0``). On the first minibatch of the first epoch the ratio is 1, so its gradient
+        is the policy gradient with whitened GAE advantages (plus the value loss's).
+
+        Returns:
+            The loss and detached statistics: ``pg_loss``, ``v_loss``, ``entropy``, ``old_approx_kl``,
+            ``approx_kl``, ``clipfrac``.
+        """
+        cfg = self.config
+        mb = select_rows(data.rollout, mb_inds)
+        width = mb.completion_ids.shape[1]
+        mb_mask = mb.completion_mask
+        mb_logprobs, mb_values, mb_returns, mb_advantages = (
+            x[mb_inds][:, :width] for x in (data.logprobs, data.values, data.returns, data.advantages)
+        )
+
+        logits, hidden = self.engine.student_forward(mb, output_hidden_states=True)
+        newlogprob = token_logprobs(logits, mb.completion_ids, cfg.temperature)  # (b, T)
+        newvalue = self.value_head(hidden)  # (b, T)
+
+        if cfg.norm_adv:
+            mb_advantages = masked_whiten(mb_advantages, mb_mask)
+        pg_loss, logratio, ratio = clipped_surrogate_loss(
+            newlogprob,
+            mb_logprobs,
+            mb_advantages,
+            mb_mask,
+            cfg.clip_coef,
+        )
+        with torch.no_grad():
+            # http://joschu.net/blog/kl-approx.html
+            old_approx_kl = masked_mean(-logratio, mb_mask)
+            approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
+            clipfrac = masked_mean(((ratio - 1.0).abs() > cfg.clip_coef).float(), mb_mask)
+
+        v_loss = value_loss(newvalue, mb_values, mb_returns, mb_mask, cfg.clip_coef, cfg.clip_vloss)
+        if cfg.ent_coef > 0:
+            entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
+            loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
+        else:
+            with torch.no_grad():
+                entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
+            loss = pg_loss + v_loss * cfg.vf_coef
+        stats = {
+            "pg_loss": pg_loss.detach(),
+            "v_loss": v_loss.detach(),
+            "entropy": entropy_loss.detach(),
+            "old_approx_kl": old_approx_kl,
+            "approx_kl": approx_kl,
+            "clipfrac": clipfrac,
+        }
+        return loss, stats
+
     def learn(self, data: PPOBatch) -> dict[str, float]:
         """``update_epochs`` epochs of ``num_minibatches`` clipped-surrogate steps (step 5)."""
         cfg = self.config
@@ -306,59 +362,27 @@ class PPOAgent(Agent):
             epochs += 1
             b_inds = torch.randperm(n, generator=gen, device=gen.device).to(data.logprobs.device)
             for mb_inds in torch.tensor_split(b_inds, cfg.num_minibatches):
-                mb = select_rows(data.rollout, mb_inds)
-                width = mb.completion_ids.shape[1]
-                mb_mask = mb.completion_mask
-                mb_logprobs, mb_values, mb_returns, mb_advantages = (
-                    x[mb_inds][:, :width] for x in (data.logprobs, data.values, data.returns, data.advantages)
-                )
-
-                logits, hidden = self.engine.student_forward(mb, output_hidden_states=True)
-                newlogprob = token_logprobs(logits, mb.completion_ids, cfg.temperature)  # (b, T)
-                newvalue = self.value_head(hidden)  # (b, T)
-
-                if cfg.norm_adv:
-                    mb_advantages = masked_whiten(mb_advantages, mb_mask)
-                pg_loss, logratio, ratio = clipped_surrogate_loss(
-                    newlogprob,
-                    mb_logprobs,
-                    mb_advantages,
-                    mb_mask,
-                    cfg.clip_coef,
-                )
-                with torch.no_grad():
-                    # http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = masked_mean(-logratio, mb_mask)
-                    approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
-                    clipfracs.append(
-                        float(masked_mean(((ratio - 1.0).abs() > cfg.clip_coef).float(), mb_mask))
-                    )
-
-                v_loss = value_loss(newvalue, mb_values, mb_returns, mb_mask, cfg.clip_coef, cfg.clip_vloss)
-                if cfg.ent_coef > 0:
-                    entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
-                    loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
-                else:
-                    with torch.no_grad():
-                        entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
-                    loss = pg_loss + v_loss * cfg.vf_coef
-
+                loss, mb_stats = self.minibatch_loss(data, mb_inds)
+                clipfracs.append(float(mb_stats["clipfrac"]))
                 step = self.optimizer_step(loss)
                 grad_norms.append(step["train/grad_norm"])
                 skipped += step["train/skipped"]
 
             # The same decision in every process (a lone early stop would hang DDP's all-reduce).
-            if cfg.target_kl is not None and self.mean_across_processes(approx_kl) > cfg.target_kl:
+            if (
+                cfg.target_kl is not None
+                and self.mean_across_processes(mb_stats["approx_kl"]) > cfg.target_kl
+            ):
                 break
 
         mask = data.rollout.completion_mask
         return {
             "train/loss": float(loss.detach()),
-            "train/pg_loss": float(pg_loss.detach()),
-            "train/value_loss": float(v_loss.detach()),
-            "train/entropy": float(entropy_loss.detach()),
-            "train/old_approx_kl": float(old_approx_kl),
-            "train/approx_kl": float(approx_kl),
+            "train/pg_loss": float(mb_stats["pg_loss"]),
+            "train/value_loss": float(mb_stats["v_loss"]),
+            "train/entropy": float(mb_stats["entropy"]),
+            "train/old_approx_kl": float(mb_stats["old_approx_kl"]),
+            "train/approx_kl": float(mb_stats["approx_kl"]),
             "train/clipfrac": sum(clipfracs) / len(clipfracs),
             "train/explained_variance": explained_variance(data.values, data.returns, mask),
             "train/epochs": float(epochs),

@@ -34,8 +34,29 @@ SIZES = {"teacher": (128, 4, 4), "student": (64, 2, 2)}
 
 
 def task_data(task: str, seed: int, num_train: int, num_eval: int, **options: Any) -> TaskData:
-    """The task split used for teacher training (and, with the same arguments, by the experiments)."""
+    """The task split used for teacher training (and, with the same arguments, by the experiments).
+
+    For ``arithmetic``, ``steps`` may be a list of lengths: the split is then the concatenation of
+    one split per length (seeded ``seed + steps``, ``num_train`` and ``num_eval`` examples each), so
+    one teacher covers several problem lengths and every length keeps a disjoint held-out set.
+    """
+    steps = options.get("steps")
+    if task == "arithmetic" and isinstance(steps, (list, tuple)):
+        parts = [task_data(task, seed, num_train, num_eval, **{**options, "steps": int(n)}) for n in steps]
+        return TaskData(
+            name=task,
+            train=[ex for d in parts for ex in d.train],
+            eval=[ex for d in parts for ex in d.eval],
+        )
+    if task == "arithmetic" and steps is not None:
+        seed = seed + int(steps)  # distinct problems per length; the same split for the same length
     return load_task(task, seed=seed, num_train=num_train, num_eval=num_eval, **options)
+
+
+def steps_of(example: Example) -> int:
+    """Number of operations of an arithmetic example (from its ``equation`` metadata)."""
+    equation = example.metadata["equation"]
+    return sum(equation[1:].count(op) for op in "+-")
 
 
 def build_model(size: str, vocab: int, seed: int) -> torch.nn.Module:
@@ -107,7 +128,13 @@ def task_metrics(
     prompts = [e.prompt for e in examples]
     if task == "arithmetic":
         scores = ExactMatchVerifier()(prompts, completions, answer=[e.metadata["answer"] for e in examples])
-        return {"accuracy": sum(scores) / len(scores)}
+        out = {"accuracy": sum(scores) / len(scores)}
+        lengths = sorted({steps_of(e) for e in examples})
+        if len(lengths) > 1:
+            for n in lengths:
+                picked = [s for s, e in zip(scores, examples) if steps_of(e) == n]
+                out[f"accuracy_steps{n}"] = sum(picked) / len(picked)
+        return out
     checker = FactualConsistencyReward()
     facts = [e.metadata["facts"] for e in examples]
     scores = checker(prompts, completions, facts=facts)
@@ -122,7 +149,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--task", choices=["arithmetic", "factual_summary"], default="arithmetic")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="arithmetic: operations per problem")
+    p.add_argument(
+        "--steps",
+        default="1,2,3",
+        help="arithmetic: operations per problem, or a comma list of lengths to mix (default 1,2,3)",
+    )
+    p.add_argument("--compact", action="store_true", help="arithmetic: '12+7-5=?' prompts instead of stories")
     p.add_argument("--hallucination-rate", type=float, default=0.0, help="factual_summary: noisy references")
     p.add_argument("--num-train", type=int, default=20000)
     p.add_argument("--num-eval", type=int, default=256)
@@ -141,7 +173,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return json.loads(report_path.read_text())
 
     options: dict[str, Any] = (
-        {"digits": args.digits, "steps": args.steps}
+        {
+            "digits": args.digits,
+            "steps": [int(n) for n in str(args.steps).split(",")],
+            "compact": args.compact,
+        }
         if args.task == "arithmetic"
         else {"hallucination_rate": args.hallucination_rate}
     )
@@ -159,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} SFT steps"
         )
         losses = sft(model, tokenizer, data.train, steps=steps, batch_size=args.batch_size, seed=args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
         metrics = task_metrics(model, tokenizer, args.task, data.eval, args.max_new_tokens)
         seconds = time.perf_counter() - start
         print(f"{role}: {metrics} ({seconds:.0f}s)")
