@@ -103,7 +103,9 @@ def test_e1_smoke_and_resume(tmp_path, arithmetic_artifacts):
         # same starting student, same held-out prompts and evaluation seed, in different processes
         # (the JSDs are left out: they are taken at each method's own beta)
         befores = [
-            {k: v for k, v in r["before"].items() if not k.endswith("jsd")} for r in runs if r["length"] == length
+            {k: v for k, v in r["before"].items() if not k.endswith("jsd")}
+            for r in runs
+            if r["length"] == length
         ]
         assert len(befores[0]) >= 5 and all(b == befores[0] for b in befores)
     for r in runs:
