@@ -20,7 +20,7 @@ Metrics, on the held-out split the teacher never saw: greedy exact-match accurac
 teacher on the student's own samples (``eval/forward_kl``, ``eval/reverse_kl``, paper Eq. 2).
 
     python examples/tiny_teachers.py --task arithmetic --compact --steps 1,2,3 --num-train 8000 \\
-        --teacher-steps 2500 --student-steps 300 --out artifacts/arithmetic
+        --teacher-steps 2500 --student-steps 1600 --out artifacts/arithmetic
     python examples/e1_on_vs_off_policy.py --artifacts artifacts/arithmetic
 
 Writes ``docs/results/e1_on_vs_off_policy.{md,json}`` and ``e1_*.png``; runs resume from
@@ -107,6 +107,7 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                         "batch_size": args.batch_size,
                         "lr": args.lr,
                         "warmup_steps": max(1, args.train_steps // 10),
+                        "lr_schedule": args.lr_schedule,
                         "eval_batch_size": 128,
                     },
                     eval={"greedy": True, "sampled": True, "max_new_tokens": budget},
@@ -248,9 +249,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--main-length", type=int, default=2)
     p.add_argument("--lengths", type=int, nargs="*", default=[1, 2, 3])
     p.add_argument("--length-methods", nargs="*", default=["supervised_kd", "gkd_l1_fkl"])
-    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = p.parse_args(argv)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "Tiny char-level teacher and SFT-started student from `examples/tiny_teachers.py` "
         f"(`{args.artifacts}`): teacher greedy {teacher_lines}; student start {student_lines}. "
         f"Each run: {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} "
-        "(linear warm-up over 10% of the steps), sampling temperature 1.\n\n"
+        f"(linear warm-up over 10% of the steps, then {args.lr_schedule} decay), sampling temperature 1.\n\n"
         "## Methods at the main length\n\n"
         + main_table(runs, args.main_length, teacher_acc)
         + "\n## On-policy gain against problem length\n\n"

@@ -22,7 +22,7 @@ Metrics on the held-out passages (clean references), for the student's own sampl
 The teacher and the starting student are measured the same way as reference points.
 
     python examples/tiny_teachers.py --task factual_summary --hallucination-rate 0.3 --num-train 20000 \\
-        --batch-size 32 --teacher-steps 1500 --student-steps 200 --max-new-tokens 96 --out artifacts/factual
+        --batch-size 32 --teacher-steps 1500 --student-steps 1000 --max-new-tokens 96 --out artifacts/factual
     python examples/e2_factuality.py --artifacts artifacts/factual
 
 Writes ``docs/results/e2_factuality.{md,json,png}``; runs resume from ``runs/e2/runs.jsonl``.
@@ -209,6 +209,7 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                 "batch_size": args.batch_size,
                 "lr": args.lr,
                 "warmup_steps": max(1, args.train_steps // 10),
+                "lr_schedule": args.lr_schedule,
                 "eval_batch_size": 128,
             },
             eval={"greedy": False, "sampled": True, "max_new_tokens": args.max_new_tokens},
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--eval-samples", type=int, default=2, help="sampled summaries per held-out passage")
     p.add_argument("--keep", type=float, default=0.9, help="quality kept, for the claim check")
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -351,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Teacher trained on `factual_summary` with {rate:.0%} of the training references carrying one "
         f"unsupported fact (`examples/tiny_teachers.py`, `{args.artifacts}`). Student: SFT-started on the same "
         f"noisy data. Eq. 5 with on-policy JSD(0.5) and the factual-consistency reward (leave-one-out "
-        f"baseline), {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr}. Held-out: "
+        f"baseline), {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} (10% warm-up, {args.lr_schedule} decay). Held-out: "
         f"{report['args']['num_eval']} passages, {args.eval_samples} samples each at temperature 1, and greedy.\n\n"
         "## Sampled summaries (temperature 1: the policy that was trained)\n\n"
         + table(runs, points, "sampled")

@@ -90,6 +90,7 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                         "batch_size": prompts_per_step(method, args.samples),
                         "lr": args.lr,
                         "warmup_steps": max(1, args.train_steps // 10),
+                        "lr_schedule": args.lr_schedule,
                         "eval_every": args.eval_every,
                         "eval_batch_size": 128,
                     },
@@ -288,8 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=32, help="sampled completions per step, every method")
     p.add_argument("--train-steps", type=int, default=120)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--grad-draws", type=int, default=16)
+    p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "Tiny arithmetic teacher and SFT-started student from `examples/tiny_teachers.py`, "
         f"{args.length}-operation problems. Objective: Eq. 5 with alpha = 1 (reverse KL of the student's "
         f"sequences). Every method: {args.samples} sampled completions per step, {args.train_steps} steps, "
-        f"AdamW lr {args.lr} with 10% warm-up; PPO: 4 epochs x 4 minibatches per batch. Gradient "
+        f"AdamW lr {args.lr} with 10% warm-up and {args.lr_schedule} decay; PPO: 4 epochs x 4 minibatches per batch. Gradient "
         f"statistics: {args.grad_draws} independent draws per estimator on the same prompts at the "
         "starting student (student parameters only; value-based methods include their value-loss term).\n\n"
         + tables(runs, args.methods, variance)

@@ -164,13 +164,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="retrain both models")
+    p.add_argument(
+        "--retrain",
+        nargs="+",
+        choices=["teacher", "student"],
+        default=None,
+        help="retrain only these models of an existing OUT (same task options), keep the others",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     report_path = args.out / "report.json"
-    if report_path.is_file() and not args.force:
-        print(f"reusing {args.out} (pass --force to retrain)")
-        return json.loads(report_path.read_text())
+    old_report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if old_report is not None and not args.force and not args.retrain:
+        print(f"reusing {args.out} (pass --force or --retrain ROLE to retrain)")
+        return old_report
+    if args.retrain and old_report is None:
+        raise SystemExit(f"--retrain needs an existing {report_path}; run without it first")
 
     options: dict[str, Any] = (
         {
@@ -189,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     for role, steps in (("teacher", args.teacher_steps), ("student", args.student_steps)):
+        if args.retrain and role not in args.retrain:
+            report[role] = old_report[role]  # kept as it is
+            continue
         start = time.perf_counter()
         model = build_model(role, len(tokenizer), seed=args.seed + (0 if role == "teacher" else 1))
         print(

@@ -110,7 +110,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up steps (then constant)."""
+    """Linear learning-rate warm-up steps (then ``lr_schedule``)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warm-up: constant, or decay to 0 at ``steps`` (linear or cosine)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 0

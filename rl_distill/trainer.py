@@ -8,8 +8,10 @@ the scheduler, then logging, periodic evaluation and checkpoints. Building the p
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,27 @@ __all__ = [
     "resolve_device",
     "seed_everything",
 ]
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """The learning-rate multiplier after ``step`` scheduler steps (``train.warmup_steps``, ``train.lr_schedule``).
+
+    Linear warm-up to 1 over ``warmup`` steps, then constant, or a linear or cosine decay from 1 that
+    would reach 0 at ``total`` (the last of the ``total`` updates still has a non-zero rate).
+
+    >>> [round(lr_factor(s, warmup=2, total=6, schedule="linear"), 2) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
 
 
 class TrainingAborted(RuntimeError):
@@ -116,9 +139,9 @@ class Trainer:
         self.batch_rng = random.Random(tc.seed)
         self.agent = self._build_agent()
         # After the agent: its own param group (value head) must follow the schedule too.
-        warmup = tc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer,
+            partial(lr_factor, warmup=tc.warmup_steps, total=tc.steps, schedule=tc.lr_schedule),
         )
         if self.dist.enabled:  # wrap after the agent is built: it may read the plain model's config
             self.engine.student = self.agent.student = self.dist.wrap_student(student)

@@ -121,3 +121,35 @@ def test_evaluation_reward_resolution(task, agent, eval_reward, expected):
     config = config_from_dict({"data": {"task": task}, "agent": agent, "eval": {"reward": eval_reward}})
     reward = build_eval_reward(config)
     assert (reward.name if reward is not None else None) == expected
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + 2**-0.5), 0.5, 0.5 * (1 - 2**-0.5)]),
+    ],
+)
+def test_lr_factor_by_hand(schedule, expected):
+    from rl_distill.trainer import lr_factor
+
+    got = [lr_factor(s, warmup=2, total=6, schedule=schedule) for s in range(6)]
+    assert got == pytest.approx(expected)
+
+
+def test_trainer_follows_the_lr_schedule_and_rejects_unknown_ones(tmp_path, teacher_dir):
+    cfg = tiny_config(
+        teacher_dir,
+        tmp_path / "run",
+        train={"steps": 4, "lr": 1e-3, "warmup_steps": 0, "lr_schedule": "linear"},
+    )
+    cfg["train"].update(save_final=False, tensorboard=False)
+    trainer = Trainer(config_from_dict(cfg))
+    trainer.train()
+    lrs = [row["train/lr"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/lr" in row]
+    # the lr logged after update k is the one update k+1 uses: 1e-3 * (1 - k/4)
+    assert lrs == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    cfg["train"]["lr_schedule"] = "exponential"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        config_from_dict(cfg)
