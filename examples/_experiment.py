@@ -255,6 +255,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it is inside it (for reports), else as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def command_line() -> str:
     """The command that ran this experiment (for the report)."""
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
@@ -272,12 +278,14 @@ def write_report(
 ) -> Path:
     """Write ``<results_dir>/<name>.md`` (command, machine, seeds, body) and ``<name>.json`` (raw data)."""
     results_dir.mkdir(parents=True, exist_ok=True)
+    run_minutes = sum(r.get("wall_seconds", 0.0) for r in data.get("runs", [])) / 60
     header = (
         f"# {title}\n\n"
         f"- Command: `{command_line()}`\n"
         f"- Machine: {machine()}\n"
         f"- Seeds: {', '.join(map(str, seeds))} (`train.seed`: sampling and batch order; data split fixed)\n"
-        f"- Wall time of this invocation: {seconds / 60:.1f} min\n"
+        f"- Wall time of this invocation: {seconds / 60:.1f} min; time of the runs, summed over runs "
+        f"(each on one worker; several workers in parallel): {run_minutes:.1f} min\n"
         f"- Raw data: [`{name}.json`]({name}.json)\n\n"
     )
     md = results_dir / f"{name}.md"

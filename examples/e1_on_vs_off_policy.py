@@ -23,7 +23,8 @@ teacher on the student's own samples (``eval/forward_kl``, ``eval/reverse_kl``, 
         --teacher-steps 2500 --student-steps 1600 --out artifacts/arithmetic
     python examples/e1_on_vs_off_policy.py --artifacts artifacts/arithmetic
 
-Writes ``docs/results/e1_on_vs_off_policy.{md,json}`` and ``e1_*.png``; runs resume from
+Writes ``docs/results/<name>.{md,json}`` and ``<name>_*.png`` (``--name``, default
+``e1_on_vs_off_policy``); runs resume from
 ``runs/e1/runs.jsonl``.
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _experiment import REPO, Job, fmt, group_stats, pyplot, run_jobs, write_report  # noqa: E402
+from _experiment import REPO, Job, fmt, group_stats, pyplot, relative, run_jobs, write_report  # noqa: E402
 
 from rl_distill.agents.gkd import SPECIAL_CASES  # noqa: E402
 
@@ -187,7 +188,9 @@ def length_table(runs: list[dict[str, Any]], on: str, off: str) -> tuple[str, di
     return md, data
 
 
-def plots(runs: list[dict[str, Any]], args: argparse.Namespace, results: Path) -> list[str]:
+def plots(
+    runs: list[dict[str, Any]], args: argparse.Namespace, results: Path, teacher_acc: float | None = None
+) -> list[str]:
     """Bar chart of accuracy per method (main length) and accuracy against length; returns file names."""
     plt = pyplot()
     names = []
@@ -204,14 +207,16 @@ def plots(runs: list[dict[str, Any]], args: argparse.Namespace, results: Path) -
         ax.axhline(
             main[0]["before"]["eval/greedy/exact_match"], color="k", ls="--", lw=1, label="student before"
         )
+        if teacher_acc is not None:
+            ax.axhline(teacher_acc, color="tab:red", ls=":", lw=1, label="teacher")
         ax.set_xticks(list(xs), order, rotation=45, ha="right")
         ax.set_ylabel("held-out greedy accuracy")
         ax.set_title(f"E1: {args.main_length}-operation arithmetic (mean ± std over seeds)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(results / "e1_methods.png", dpi=120)
+        fig.savefig(results / f"{args.name}_methods.png", dpi=120)
         plt.close(fig)
-        names.append("e1_methods.png")
+        names.append(f"{args.name}_methods.png")
     length_runs = [r for r in runs if r["method"] in args.length_methods]
     if len({r["length"] for r in length_runs}) > 1:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -226,15 +231,18 @@ def plots(runs: list[dict[str, Any]], args: argparse.Namespace, results: Path) -
                 capsize=3,
                 label=method,
             )
+        ls = sorted({r["length"] for r in length_runs})
+        before = {r["length"]: r["before"]["eval/greedy/exact_match"] for r in length_runs}
+        ax.plot(ls, [before[n] for n in ls], "k--", marker="s", label="student before")
         ax.set_xlabel("operations per problem")
         ax.set_ylabel("held-out greedy accuracy")
         ax.set_xticks(sorted({r["length"] for r in length_runs}))
         ax.set_title("E1: accuracy against problem length")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(results / "e1_length.png", dpi=120)
+        fig.savefig(results / f"{args.name}_length.png", dpi=120)
         plt.close(fig)
-        names.append("e1_length.png")
+        names.append(f"{args.name}_length.png")
     return names
 
 
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "arithmetic")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "e1")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--name", default="e1_on_vs_off_policy", help="base name of the report files")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="*", default=None, help="main-grid methods (default: all)")
     p.add_argument("--main-length", type=int, default=2)
@@ -272,12 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     on, off = args.length_methods[-1], args.length_methods[0]
     length_md, length_data = length_table(runs, on, off)
     args.results.mkdir(parents=True, exist_ok=True)
-    pngs = plots(runs, args, args.results)
+    pngs = plots(runs, args, args.results, teacher_acc)
     teacher_lines = ", ".join(f"{k} {v:.3f}" for k, v in teacher.items())
     student_lines = ", ".join(f"{k} {v:.3f}" for k, v in report["student"]["metrics"].items())
     body = (
         "Tiny char-level teacher and SFT-started student from `examples/tiny_teachers.py` "
-        f"(`{args.artifacts}`): teacher greedy {teacher_lines}; student start {student_lines}. "
+        f"(`{relative(args.artifacts)}`): teacher greedy {teacher_lines}; student start {student_lines}. "
         f"Each run: {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} "
         f"(linear warm-up over 10% of the steps, then {args.lr_schedule} decay), sampling temperature 1.\n\n"
         "## Methods at the main length\n\n"
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     md = write_report(
-        "e1_on_vs_off_policy",
+        args.name,
         args.results,
         title="E1: on-policy vs off-policy distillation (arithmetic, chain of thought)",
         body=body,

@@ -49,6 +49,7 @@ from _experiment import (
     group_stats,
     load_pair,
     pyplot,
+    relative,
     run_job,
     run_jobs,
     task_from_spec,
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rate = report["options"]["hallucination_rate"]
     body = (
         f"Teacher trained on `factual_summary` with {rate:.0%} of the training references carrying one "
-        f"unsupported fact (`examples/tiny_teachers.py`, `{args.artifacts}`). Student: SFT-started on the same "
+        f"unsupported fact (`examples/tiny_teachers.py`, `{relative(args.artifacts)}`). Student: SFT-started on the same "
         f"noisy data. Eq. 5 with on-policy JSD(0.5) and the factual-consistency reward (leave-one-out "
         f"baseline), {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} (10% warm-up, {args.lr_schedule} decay). Held-out: "
         f"{report['args']['num_eval']} passages, {args.eval_samples} samples each at temperature 1, and greedy.\n\n"

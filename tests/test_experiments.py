@@ -111,7 +111,12 @@ def test_e1_smoke_and_resume(tmp_path, arithmetic_artifacts):
     for r in runs:
         assert 0.0 <= r["after"]["eval/greedy/exact_match"] <= 1.0
         assert r["after"]["eval/forward_kl"] >= 0.0
-    for name in ("e1_on_vs_off_policy.md", "e1_on_vs_off_policy.json", "e1_methods.png", "e1_length.png"):
+    for name in (
+        "e1_on_vs_off_policy.md",
+        "e1_on_vs_off_policy.json",
+        "e1_on_vs_off_policy_methods.png",
+        "e1_on_vs_off_policy_length.png",
+    ):
         assert (tmp_path / "res" / name).stat().st_size > 0
     md = (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text()
     assert "| gkd_l0.5_jsd0.9 |" in md and "Command:" in md
