@@ -267,32 +267,47 @@ def command_line() -> str:
 
 
 def write_report(
-    name: str,
-    results_dir: Path,
-    *,
-    title: str,
-    body: str,
-    data: dict[str, Any],
-    seeds: Sequence[int],
-    seconds: float,
-) -> Path:
-    """Write ``<results_dir>/<name>.md`` (command, machine, seeds, body) and ``<name>.json`` (raw data)."""
+    name: str, args: Any, *, title: str, body: str, data: dict[str, Any], start: float
+) -> dict[str, Any]:
+    """Write ``<args.results>/<name>.md`` (command, machine, seeds, body) and ``<name>.json`` (raw data).
+
+    Args:
+        name: base name of the files.
+        args: the experiment's parsed arguments (``results``, ``seeds``; all of them are recorded
+            under ``settings`` in the JSON).
+        title: the page title.
+        body: markdown after the header.
+        data: the raw data (its ``runs`` give the summed run time).
+        start: ``time.perf_counter()`` at the start of the invocation.
+
+    Returns:
+        The JSON payload.
+    """
+    results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - start
     run_minutes = sum(r.get("wall_seconds", 0.0) for r in data.get("runs", [])) / 60
     header = (
         f"# {title}\n\n"
         f"- Command: `{command_line()}`\n"
         f"- Machine: {machine()}\n"
-        f"- Seeds: {', '.join(map(str, seeds))} (`train.seed`: sampling and batch order; data split fixed)\n"
+        f"- Seeds: {', '.join(map(str, args.seeds))} (`train.seed`: sampling and batch order; data split fixed)\n"
         f"- Wall time of this invocation: {seconds / 60:.1f} min; time of the runs, summed over runs "
         f"(each on one worker; several workers in parallel): {run_minutes:.1f} min\n"
         f"- Raw data: [`{name}.json`]({name}.json)\n\n"
     )
     md = results_dir / f"{name}.md"
     md.write_text(header + body.rstrip() + "\n", encoding="utf-8")
-    payload = {"command": command_line(), "machine": machine(), "seeds": list(seeds), **data}
+    payload = {
+        "command": command_line(),
+        "machine": machine(),
+        "seeds": list(args.seeds),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        **data,
+    }
     (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    return md
+    print(f"wrote {md}")
+    return payload
 
 
 def pyplot() -> Any:

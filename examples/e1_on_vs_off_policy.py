@@ -298,21 +298,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     data = {
         "teacher_report": report,
-        "settings": {k: str(v) for k, v in vars(args).items()},
         "length": {str(k): v for k, v in length_data.items()},
         "runs": runs,
     }
-    md = write_report(
+    return write_report(
         args.name,
-        args.results,
+        args,
         title="E1: on-policy vs off-policy distillation (arithmetic, chain of thought)",
         body=body,
         data=data,
-        seeds=args.seeds,
-        seconds=time.perf_counter() - start,
+        start=start,
     )
-    print(f"wrote {md}")
-    return data
 
 
 if __name__ == "__main__":

@@ -368,21 +368,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     data = {
         "teacher_report": report,
-        "settings": {k: str(v) for k, v in vars(args).items()},
         "reference_points": points,
         "runs": runs,
     }
-    md = write_report(
+    return write_report(
         "e2_factuality",
-        args.results,
+        args,
         title="E2: RL + GKD for factual consistency (alpha sweep)",
         body=body,
         data=data,
-        seeds=args.seeds,
-        seconds=time.perf_counter() - start,
+        start=start,
     )
-    print(f"wrote {md}")
-    return data
 
 
 if __name__ == "__main__":

@@ -318,18 +318,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + tables(runs, args.methods, variance)
         + "\n![e3_curves.png](e3_curves.png)\n"
     )
-    data = {"settings": {k: str(v) for k, v in vars(args).items()}, "variance": variance, "runs": runs}
-    md = write_report(
+    data = {"variance": variance, "runs": runs}
+    return write_report(
         "e3_estimators",
-        args.results,
+        args,
         title="E3: REINFORCE, PPO and the direct GKD gradient on the same sample budget",
         body=body,
         data=data,
-        seeds=args.seeds,
-        seconds=time.perf_counter() - start,
+        start=start,
     )
-    print(f"wrote {md}")
-    return data
 
 
 if __name__ == "__main__":

@@ -593,17 +593,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": teacher,
         "runs": runs,
     }
-    md = write_report(
+    return write_report(
         NAME,
-        args.results,
+        args,
         title="E4: the real teacher (SmolLM2-135M-Instruct, verifier reward, paper Eq. 5)",
         body=body,
         data=data,
-        seeds=args.seeds,
-        seconds=time.perf_counter() - start,
+        start=start,
     )
-    print(f"wrote {md}")
-    return data
 
 
 if __name__ == "__main__":

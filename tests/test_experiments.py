@@ -7,65 +7,35 @@ import torch
 from test_examples import load_example
 
 
+def io_args(artifacts, tmp_path):
+    """The artifacts, runs and results folders of a smoke run."""
+    return [
+        "--artifacts",
+        str(artifacts),
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "res"),
+    ]
+
+
+def make_artifacts(out, task_args):
+    """Tiny (untrained) teacher and student for the smoke tests: a few SFT steps each."""
+    common = "--teacher-steps 2 --student-steps 2 --batch-size 8 --max-new-tokens 8 --threads 1"
+    load_example("tiny_teachers").main([*task_args.split(), *common.split(), "--out", str(out)])
+    return out
+
+
 @pytest.fixture(scope="module")
 def arithmetic_artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "arithmetic"
-    load_example("tiny_teachers").main(
-        [
-            "--task",
-            "arithmetic",
-            "--compact",
-            "--steps",
-            "1,2",
-            "--out",
-            str(out),
-            "--num-train",
-            "48",
-            "--num-eval",
-            "4",
-            "--teacher-steps",
-            "2",
-            "--student-steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--max-new-tokens",
-            "8",
-            "--threads",
-            "1",
-        ]  # fmt: skip
-    )
-    return out
+    args = "--task arithmetic --compact --steps 1,2 --num-train 48 --num-eval 4"
+    return make_artifacts(tmp_path_factory.mktemp("art") / "arithmetic", args)
 
 
 @pytest.fixture(scope="module")
 def factual_artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "factual"
-    load_example("tiny_teachers").main(
-        [
-            "--task",
-            "factual_summary",
-            "--hallucination-rate",
-            "0.5",
-            "--out",
-            str(out),
-            "--num-train",
-            "32",
-            "--num-eval",
-            "3",
-            "--teacher-steps",
-            "2",
-            "--student-steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--max-new-tokens",
-            "8",
-            "--threads",
-            "1",
-        ]  # fmt: skip
-    )
-    return out
+    args = "--task factual_summary --hallucination-rate 0.5 --num-train 32 --num-eval 3"
+    return make_artifacts(tmp_path_factory.mktemp("art") / "factual", args)
 
 
 def test_tiny_teachers_mixed_lengths_keep_per_length_splits(arithmetic_artifacts):
@@ -81,10 +51,13 @@ def test_tiny_teachers_mixed_lengths_keep_per_length_splits(arithmetic_artifacts
 
 def test_e1_smoke_and_resume(tmp_path, arithmetic_artifacts):
     e1 = load_example("e1_on_vs_off_policy")
-    argv = ["--artifacts", str(arithmetic_artifacts), "--out", str(tmp_path / "runs"), "--results",
-            str(tmp_path / "res"), "--seeds", "0", "--methods", "sft", "seqkd", "gkd_l0.5_jsd0.9",
-            "--lengths", "1", "2", "--length-methods", "supervised_kd", "gkd_l1_fkl", "--train-steps", "2",
-            "--batch-size", "4", "--workers", "2"]  # fmt: skip
+    argv = (
+        io_args(arithmetic_artifacts, tmp_path)
+        + (
+            "--seeds 0 --methods sft seqkd gkd_l0.5_jsd0.9 --lengths 1 2 --length-methods supervised_kd gkd_l1_fkl "
+            "--train-steps 2 --batch-size 4 --workers 2"
+        ).split()
+    )
     data = e1.main(argv)
     runs = data["runs"]
     # main grid at length 2 (3 methods) + length grid (2 methods x 2 lengths) = 7 runs
@@ -141,29 +114,8 @@ def test_e2_smoke(tmp_path, factual_artifacts):
     assert e2.rouge_n("Anna Berg wrote 12 books.", "anna berg wrote 12 books") == 1.0
     assert e2.rouge_n("", "a b") == 0.0
     data = e2.main(
-        [
-            "--artifacts",
-            str(factual_artifacts),
-            "--out",
-            str(tmp_path / "runs"),
-            "--results",
-            str(tmp_path / "res"),
-            "--seeds",
-            "0",
-            "--alphas",
-            "0",
-            "1",
-            "--train-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--max-new-tokens",
-            "16",
-            "--eval-samples",
-            "2",
-            "--workers",
-            "1",
-        ]  # fmt: skip
+        io_args(factual_artifacts, tmp_path)
+        + "--seeds 0 --alphas 0 1 --train-steps 2 --batch-size 4 --max-new-tokens 16 --eval-samples 2 --workers 1".split()
     )
     assert sorted(r["alpha"] for r in data["runs"]) == [0.0, 1.0]
     for r in data["runs"]:
@@ -181,28 +133,8 @@ def test_e2_smoke(tmp_path, factual_artifacts):
 def test_e3_smoke(tmp_path, arithmetic_artifacts):
     e3 = load_example("e3_estimators")
     data = e3.main(
-        [
-            "--artifacts",
-            str(arithmetic_artifacts),
-            "--out",
-            str(tmp_path / "runs"),
-            "--results",
-            str(tmp_path / "res"),
-            "--seeds",
-            "0",
-            "--train-steps",
-            "2",
-            "--eval-every",
-            "1",
-            "--samples",
-            "8",
-            "--grad-draws",
-            "3",
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-        ]  # fmt: skip
+        io_args(arithmetic_artifacts, tmp_path)
+        + "--seeds 0 --train-steps 2 --eval-every 1 --samples 8 --grad-draws 3 --workers 1 --threads 1".split()
     )
     assert sorted(r["method"] for r in data["runs"]) == sorted(e3.METHODS)
     variance = data["variance"]
