@@ -7,7 +7,9 @@ the student's own samples plus the student's entropy, i.e. minimise the reverse 
 - ``reinforce_none`` / ``reinforce_mean`` / ``reinforce_rloo`` / ``reinforce_value``: REINFORCE with
   reward-to-go on the per-token rewards ``log pT - log pS``, with no baseline, the batch mean, the
   leave-one-out mean of the other samples of the same prompt (RLOO), or a learned value head;
-- ``ppo``: PPO-clip with GAE and a value head (4 epochs per batch);
+- ``ppo``: PPO-clip with GAE and a value head, 4 epochs x 4 minibatches per batch (16 updates);
+  ``ppo_target_kl`` the same with early stopping at approx-KL 0.02 (checked after each epoch);
+  ``ppo_1x1`` one update per batch (the same number of updates as the others);
 - ``gkd_rkl``: the direct on-policy GKD gradient of the token-level reverse KL (exact expectation
   over the vocabulary at every position, no score-function term over tokens).
 
@@ -59,8 +61,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "reinforce_rloo": {"name": "reinforce", "baseline": "leave_one_out", "samples_per_prompt": 4},
     "reinforce_value": {"name": "reinforce", "baseline": "value", "samples_per_prompt": 4},
     "ppo": {"name": "ppo", "update_epochs": 4, "num_minibatches": 4},
+    "ppo_target_kl": {"name": "ppo", "update_epochs": 4, "num_minibatches": 4, "target_kl": 0.02},
+    "ppo_1x1": {"name": "ppo", "update_epochs": 1, "num_minibatches": 1},
     "gkd_rkl": {"name": "gkd", "divergence": "reverse_kl", "lmbda": 1.0},
 }
+
+
+#: Methods whose first gradient (at the starting student, ratio 1) is another method's: not re-measured.
+SAME_FIRST_GRADIENT = {"ppo_target_kl": "ppo", "ppo_1x1": "ppo"}
 
 
 def prompts_per_step(method: str, samples: int) -> int:
@@ -183,11 +191,12 @@ def variance_stats(draws: Any, reference: Any) -> dict[str, float]:
 def variance_phase(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Gradient statistics of every method (cached in ``out/variance.json``)."""
     path = args.out / "variance.json"
+    measured = list(dict.fromkeys(SAME_FIRST_GRADIENT.get(m, m) for m in args.methods))
     if path.is_file():
         cached = json.loads(path.read_text())
-        if set(cached) >= set(args.methods) and cached.get("_draws") == args.grad_draws:
-            return {m: cached[m] for m in args.methods}
-    draws = {m: gradient_draws(m, args, report) for m in args.methods}
+        if set(cached) >= set(measured) and cached.get("_draws") == args.grad_draws:
+            return {m: cached[m] for m in measured}
+    draws = {m: gradient_draws(m, args, report) for m in measured}
     ref = draws["gkd_rkl"].mean(0) if "gkd_rkl" in draws else next(iter(draws.values())).mean(0)
     stats: dict[str, Any] = {m: variance_stats(d, ref) for m, d in draws.items()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +271,10 @@ def tables(runs: list[dict[str, Any]], methods: list[str], variance: dict[str, d
         "|---|---|---|---|---|---|",
     ]
     for method in methods:
+        if method in SAME_FIRST_GRADIENT:
+            vlines.append(f"| {method} | same first gradient as `{SAME_FIRST_GRADIENT[method]}` | | | | |")
         v = variance.get(method)
-        if v:
+        if v and method not in SAME_FIRST_GRADIENT:
             vlines.append(
                 f"| {method} | {v['relative_variance']:.2f} | {v['mean_pairwise_cosine']:.3f} | "
                 f"{v['cosine_to_gkd_mean']:.3f} | {v['single_grad_norm']:.3g} | {v['mean_grad_norm']:.3g} |"
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "Tiny arithmetic teacher and SFT-started student from `examples/tiny_teachers.py`, "
         f"{args.length}-operation problems. Objective: Eq. 5 with alpha = 1 (reverse KL of the student's "
         f"sequences). Every method: {args.samples} sampled completions per step, {args.train_steps} steps, "
-        f"AdamW lr {args.lr} with 10% warm-up and {args.lr_schedule} decay; PPO: 4 epochs x 4 minibatches per batch. Gradient "
+        f"AdamW lr {args.lr} with 10% warm-up and {args.lr_schedule} decay (the same for every method: no per-method tuning). Gradient "
         f"statistics: {args.grad_draws} independent draws per estimator on the same prompts at the "
         "starting student (student parameters only; value-based methods include their value-loss term).\n\n"
         + tables(runs, args.methods, variance)
