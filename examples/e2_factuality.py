@@ -22,7 +22,7 @@ Metrics on the held-out passages (clean references), for the student's own sampl
 The teacher and the starting student are measured the same way as reference points.
 
     python examples/tiny_teachers.py --task factual_summary --hallucination-rate 0.3 --num-train 20000 \\
-        --batch-size 32 --teacher-steps 1500 --student-steps 1000 --student-size 128,2,4 \\
+        --batch-size 32 --teacher-steps 1500 --student-steps 2000 --student-size 128,2,4 \\
         --max-new-tokens 96 --out artifacts/factual
     python examples/e2_factuality.py --artifacts artifacts/factual
 

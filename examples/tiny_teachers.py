@@ -6,16 +6,16 @@ student with a brief SFT start, so that on-policy samples are meaningful (paper 
 
 The experiments' models (docs/results/experiments.md):
 
-    python examples/tiny_teachers.py --task arithmetic --compact --steps 1,2,3 --num-train 8000 \
+    python examples/tiny_teachers.py --task arithmetic --compact --steps 1,2,3 --num-train 8000 \\
         --teacher-steps 2500 --student-steps 1600 --out artifacts/arithmetic
-    python examples/tiny_teachers.py --task factual_summary --hallucination-rate 0.3 --num-train 20000 \
-        --batch-size 32 --teacher-steps 1500 --student-steps 1000 --student-size 128,2,4 \
+    python examples/tiny_teachers.py --task factual_summary --hallucination-rate 0.3 --num-train 20000 \\
+        --batch-size 32 --teacher-steps 1500 --student-steps 2000 --student-size 128,2,4 \\
         --max-new-tokens 96 --out artifacts/factual
 
 Both students learn their task in a sudden transition (arithmetic: between about 1200 and 1600 SFT
 steps, from under 10% to 70% accuracy; the 64-wide factual student had not learnt to copy the facts
-after 1000 steps, hence the wider one): too short an SFT start leaves a student whose samples the
-teacher cannot usefully correct.
+after 1000 steps, hence the wider one, trained 2000 steps): too short an SFT start leaves a student
+whose samples the teacher cannot usefully correct.
 
 Writes ``OUT/teacher`` and ``OUT/student`` (``save_pretrained`` folders with the tokenizer) and
 ``OUT/report.json`` (accuracy or factuality of both on the held-out split, the commands, timings).
