@@ -1,6 +1,11 @@
 """Smoke tests of the experiment scripts E1-E3 (tiny budgets; the real runs are in docs/results/)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -160,3 +165,38 @@ def test_e3_variance_stats_by_hand():
     # pairwise cosines: 0, 1/sqrt2, 1/sqrt2 -> mean sqrt(2)/3
     assert stats["mean_pairwise_cosine"] == pytest.approx(2**0.5 / 3)
     assert stats["cosine_to_gkd_mean"] == pytest.approx(1.0)
+
+
+CHILD = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+sys.path.insert(0, {examples!r})
+import _experiment
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_experiment.die_with_parent) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 60)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_pool_workers_die_with_a_killed_experiment(tmp_path):
+    from test_examples import ROOT
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(examples=str(ROOT / "examples")))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):  # the worker gets SIGTERM when its parent dies
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the pool worker outlived its killed parent")
