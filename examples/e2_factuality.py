@@ -269,15 +269,23 @@ def claim_check(
             found.append(
                 f"alpha = {alpha} (hallucination {h:.3f} vs teacher {t_h:.3f}, ROUGE-2 {q:.3f} vs {t_r:.3f})"
             )
+    start = points.get("student before")
+    note = ""
+    if start is not None:
+        s_h, s_r = start[f"{decoding}/hallucination_rate"], start[f"{decoding}/rouge2"]
+        already = s_h < t_h and s_r >= keep * t_r
+        note = f" The starting student: hallucination {s_h:.3f}, ROUGE-2 {s_r:.3f}" + (
+            " (it already meets the claim before any training)." if already else "."
+        )
     if found:
         return (
             f"Claim holds ({decoding}): "
             + "; ".join(found)
-            + f" (ROUGE-2 kept >= {keep:.0%} of the teacher's).\n"
+            + f" (ROUGE-2 kept >= {keep:.0%} of the teacher's).{note}\n"
         )
     return (
         f"Claim does not hold ({decoding}): no alpha gives a mean hallucination rate below the teacher's "
-        f"({t_h:.3f}) with ROUGE-2 >= {keep:.0%} of the teacher's ({t_r:.3f}).\n"
+        f"({t_h:.3f}) with ROUGE-2 >= {keep:.0%} of the teacher's ({t_r:.3f}).{note}\n"
     )
 
 

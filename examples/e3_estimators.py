@@ -233,6 +233,10 @@ def plot_curves(runs: list[dict[str, Any]], methods: list[str], path: Path) -> N
             ax.fill_between(
                 steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)], alpha=0.15
             )
+        if metric == "eval/reverse_kl":
+            ax.set_yscale("log")  # a diverged run would flatten the others on a linear axis
+        elif metric == "eval/teacher_logprob":
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("step (32 samples each)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
