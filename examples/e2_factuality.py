@@ -26,7 +26,7 @@ The teacher and the starting student are measured the same way as reference poin
         --max-new-tokens 96 --out artifacts/factual
     python examples/e2_factuality.py --artifacts artifacts/factual
 
-Writes ``docs/results/e2_factuality.{md,json,png}``; runs resume from ``runs/e2/runs.jsonl``.
+Writes ``docs/results/<name>.{md,json,png}`` (``--name``, default ``e2_factuality``); runs resume from ``runs/e2/runs.jsonl``.
 """
 
 from __future__ import annotations
@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "factual")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "e2")
     p.add_argument("--results", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--name", default="e2_factuality", help="base name of the report files")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--train-steps", type=int, default=100)
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner = partial(run_e2_job, samples=args.eval_samples)
     runs = run_jobs(build_jobs(args, report), args.out, workers=args.workers, runner=runner)
     args.results.mkdir(parents=True, exist_ok=True)
-    plot(runs, points, args.results / "e2_factuality.png")
+    plot(runs, points, args.results / f"{args.name}.png")
     rate = report["options"]["hallucination_rate"]
     body = (
         f"Teacher trained on `factual_summary` with {rate:.0%} of the training references carrying one "
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + table(runs, points, "greedy")
         + "\n"
         + claim_check(runs, points, "greedy", args.keep)
-        + "\n![e2_factuality.png](e2_factuality.png)\n"
+        + f"\n![{args.name}.png]({args.name}.png)\n"
     )
     data = {
         "teacher_report": report,
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     return write_report(
-        "e2_factuality",
+        args.name,
         args,
         title="E2: RL + GKD for factual consistency (alpha sweep)",
         body=body,
