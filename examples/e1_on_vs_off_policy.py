@@ -71,6 +71,20 @@ def max_new_tokens(steps: int, digits: int) -> int:
     return steps * per_step + digits + 8  # "#### 168" + EOS
 
 
+def arithmetic_spec(report: dict[str, Any], length: int) -> dict[str, Any]:
+    """The teacher's arithmetic split (``tiny_teachers`` report) at ``length`` operations."""
+    ta = report["args"]
+    return {
+        "task": "arithmetic",
+        "seed": int(ta["seed"]),
+        "num_train": int(ta["num_train"]),
+        "num_eval": int(ta["num_eval"]),
+        "digits": int(ta["digits"]),
+        "steps": length,
+        "compact": ta["compact"] == "True",
+    }
+
+
 def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
     """The main grid at ``--main-length`` and the length grid."""
     teacher_args = report["args"]
@@ -93,15 +107,7 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                     seed=seed,
                     teacher=str(args.artifacts / "teacher"),
                     student=str(args.artifacts / "student"),
-                    data={
-                        "task": "arithmetic",
-                        "seed": int(teacher_args["seed"]),
-                        "num_train": int(teacher_args["num_train"]),
-                        "num_eval": int(teacher_args["num_eval"]),
-                        "digits": digits,
-                        "steps": length,
-                        "compact": teacher_args["compact"] == "True",
-                    },
+                    data=arithmetic_spec(report, length),
                     agent={"name": "gkd", **all_methods[method], "max_new_tokens": budget},
                     train={
                         "steps": args.train_steps,

@@ -52,7 +52,7 @@ from _experiment import (  # noqa: E402
     task_from_spec,
     write_report,
 )
-from e1_on_vs_off_policy import max_new_tokens  # noqa: E402
+from e1_on_vs_off_policy import arithmetic_spec, max_new_tokens  # noqa: E402
 
 #: Method label -> agent section (samples per step kept equal through ``prompts_per_step``).
 METHODS: dict[str, dict[str, Any]] = {
@@ -91,7 +91,7 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                     seed=seed,
                     teacher=str(args.artifacts / "teacher"),
                     student=str(args.artifacts / "student"),
-                    data=data_spec(args, report),
+                    data=arithmetic_spec(report, args.length),
                     agent={**METHODS[method], "max_new_tokens": budget},
                     train={
                         "steps": args.train_steps,
@@ -107,20 +107,6 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                 )
             )
     return jobs
-
-
-def data_spec(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
-    """The arithmetic split of the teacher's report at ``--length`` operations."""
-    ta = report["args"]
-    return {
-        "task": "arithmetic",
-        "seed": int(ta["seed"]),
-        "num_train": int(ta["num_train"]),
-        "num_eval": int(ta["num_eval"]),
-        "digits": int(ta["digits"]),
-        "steps": args.length,
-        "compact": ta["compact"] == "True",
-    }
 
 
 def estimator_loss(agent: Any, batch: list[Any]) -> Any:
@@ -147,7 +133,7 @@ def gradient_draws(method: str, args: argparse.Namespace, report: dict[str, Any]
     from rl_distill.trainer import Trainer
 
     torch.set_num_threads(args.threads * args.workers)
-    task = task_from_spec(data_spec(args, report))
+    task = task_from_spec(arithmetic_spec(report, args.length))
     models = load_pair(str(args.artifacts / "teacher"), str(args.artifacts / "student"))
     budget = max_new_tokens(args.length, int(report["args"]["digits"]))
     raw = {
