@@ -23,8 +23,10 @@ greedy accuracy on the same prompts, with the same completion budget, is the ref
     python examples/e4_smollm2.py
 
 The defaults (alpha 1, 0.5 and 0, seeds 0 and 1, 45 steps of 4 prompts each, 32 held-out prompts
-evaluated before and after) take about 10-11 minutes on 2 idle CPU cores (one run at a time, 2
-threads: about 1.7 s per step and 12 s per evaluation); see ``--help`` for the budget flags. Writes
+evaluated before and after) run one at a time with 2 threads. Measured in this project's session on
+2 CPU cores shared with other jobs: 230 s per run (about 3.8 s per step), so about 23 minutes for the
+six runs; the published report ran ``--alphas 1 0.5`` (4 runs, 15.4 min). See ``--help`` for the
+budget flags. Writes
 ``docs/results/e4_smollm2.{md,json,png}``; runs resume from ``runs/e4/runs.jsonl`` (a run already
 there with the same settings is not run again).
 """
