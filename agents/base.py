@@ -20,41 +20,80 @@ added twice. Consequences for the trainer:
 They live on the student's device in float32. Under multi-process Accelerate their gradients are
 averaged across processes in :meth:`Agent.optimizer_step` (they are not wrapped in DDP).
 
-Rewards: an agent takes ``reward=`` as a callable, or a name/spec that is resolved here with
-:func:`rl_distill.rewards.registry.build_reward` when the agent is built (the config field
-``agent.reward``). It is called through :func:`rl_distill.rewards.call_reward` with the prompts, the
-decoded completions and the examples' metadata as keyword lists (:meth:`Agent.external_rewards`).
+Configs: every agent's config dataclass inherits :class:`AgentConfig`, which holds the fields all
+agents share (``alpha``, ``reward``, the sampling settings) with their range checks and the
+``sampling`` property; the trainer, evaluation, ``env-check`` and the build step read these typed
+attributes.
+
+Rewards: an agent takes ``reward=`` as a callable, or a name/spec that is resolved with
+:func:`rl_distill.rewards.registry.resolve_reward` when the agent is built (the config field
+``agent.reward``). It is called through :func:`rl_distill.rewards.registry.score_examples`, the one
+path by which agents, environments and evaluation call a reward (:meth:`Agent.external_rewards`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rl_distill.rewards import call_reward, checked
-from rl_distill.rollout import Rollout, RolloutEngine
+from rl_distill.rewards.registry import RewardSpec, resolve_reward, score_examples
+from rl_distill.rollout import Rollout, RolloutEngine, SamplingConfig
 from rl_distill.tasks import Example
 
-RewardSpec = Callable[..., Any] | str | Mapping[str, Any] | None
 Baseline = Literal["none", "batch_mean", "leave_one_out"]
 
+__all__ = ["Agent", "AgentConfig", "RewardSpec", "resolve_reward"]
 
-def resolve_reward(reward: RewardSpec) -> Callable[..., list[float]] | None:
-    """A checked reward callable from a callable, a name/import path/spec dict, or None."""
-    if reward is None:
-        return None
-    if callable(reward):
-        return checked(reward)
-    if isinstance(reward, str | Mapping):
-        from rl_distill.rewards.registry import build_reward  # the config layer's lookup table
 
-        return build_reward(reward)
-    raise TypeError(f"reward must be a callable, a reward name or a spec dict, got {type(reward).__name__}")
+@dataclass
+class AgentConfig:
+    """The fields every agent's config shares (paper Eq. 5's alpha and reward, and the sampling).
+
+    Agent configs inherit it (``@dataclass class GKDConfig(AgentConfig)``) and call
+    ``super().__post_init__()`` first in their own ``__post_init__``.
+    """
+
+    alpha: float = 1.0
+    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward."""
+    reward: str | dict[str, Any] | None = None
+    """External reward of Eq. 5 (used when alpha < 1): a name, ``module:function`` path or spec dict."""
+    temperature: float = 1.0
+    """Student sampling temperature (> 0); the agent's log-probs of the student are taken at it."""
+    top_k: int = 0
+    """Top-k filter for sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus filter for sampling (1.0 = off)."""
+    max_new_tokens: int = 32
+    """Completion budget for sampled sequences."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.reward is not None and not isinstance(self.reward, str | dict):
+            raise ValueError(
+                f"reward must be a name, a 'module:function' path or a spec dict, got {self.reward!r}"
+            )
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 (training samples are stochastic), got {self.temperature}"
+            )
+        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # range checks
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings of the agent's own (on-policy) samples."""
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    @property
+    def eval_beta(self) -> float:
+        """The beta of the JSD reported at evaluation: the agent's own when it trains on a JSD, else 0.5."""
+        return 0.5
 
 
 class Agent(ABC):
@@ -78,7 +117,7 @@ class Agent(ABC):
     name: str = ""
 
     #: The agent's config dataclass (its defaults are used when no config is given).
-    config_cls: type = object
+    config_cls: type[AgentConfig] = AgentConfig
 
     def __init__(
         self,
@@ -92,8 +131,12 @@ class Agent(ABC):
         reward: RewardSpec = None,
     ) -> None:
         self.config = config if config is not None else self.config_cls()
-        alpha = getattr(self.config, "alpha", 1.0)
-        reward = reward if reward is not None else getattr(self.config, "reward", None)
+        if not isinstance(self.config, AgentConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs a config derived from AgentConfig, got {type(self.config).__name__}"
+            )
+        alpha = self.config.alpha
+        reward = reward if reward is not None else self.config.reward
         if alpha < 1.0 and reward is None:
             raise ValueError(
                 f"alpha < 1 ({alpha}) weights an external reward (paper Eq. 5), but none was given"
@@ -157,26 +200,14 @@ class Agent(ABC):
     def external_rewards(self, examples: Sequence[Example], rollout: Rollout) -> Tensor:
         """The external reward ``r(x, y)`` of paper Eq. 5 for each row of ``rollout``: ``(B,)`` float32.
 
-        ``examples[i]`` is the example of row ``i``. The reward gets the prompts, the decoded
-        completions and every metadata key of the examples as a list (None where an example lacks it).
+        ``examples[i]`` is the example of row ``i``; the reward is called through
+        :func:`~rl_distill.rewards.registry.score_examples`, as everywhere else.
         """
         if self.reward is None:
             raise ValueError("this agent has no reward; pass reward= or set agent.reward")
         if len(examples) != len(rollout):
             raise ValueError(f"got {len(examples)} examples for {len(rollout)} sequences")
-        keys = sorted({k for ex in examples for k in ex.metadata})
-        clash = [k for k in keys if k in ("reward", "name", "prompts", "completions")]
-        if clash:
-            raise ValueError(
-                f"example metadata key {clash[0]!r} clashes with an argument of call_reward; rename it"
-            )
-        metadata = {k: [ex.metadata.get(k) for ex in examples] for k in keys}
-        values = call_reward(
-            self.reward,
-            [ex.prompt for ex in examples],
-            self.engine.decode(rollout),
-            **metadata,
-        )
+        values = score_examples(self.reward, examples, self.engine.decode(rollout))
         return torch.tensor(values, dtype=torch.float32, device=rollout.completion_ids.device)
 
     # --- the step -------------------------------------------------------------------------

@@ -52,15 +52,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rl_distill.agents.base import Agent, group_baseline, token_logprobs
+from rl_distill.agents.base import Agent, AgentConfig, group_baseline, token_logprobs
 from rl_distill.divergences import DIVERGENCES, divergence
-from rl_distill.rollout import Rollout, SamplingConfig
+from rl_distill.rollout import Rollout
 from rl_distill.tasks import Example
 
 
 @dataclass
-class GKDConfig:
-    """Hyper-parameters of :class:`GKDAgent`."""
+class GKDConfig(AgentConfig):
+    """Hyper-parameters of :class:`GKDAgent` (shared fields: :class:`~rl_distill.agents.base.AgentConfig`).
+
+    ``temperature`` is also the temperature of both distributions in the divergence.
+    """
 
     divergence: str = "jsd"
     """Token-level divergence: ``forward_kl``, ``reverse_kl``, ``jsd`` (uses ``beta``) or ``tv``."""
@@ -74,25 +77,14 @@ class GKDConfig:
     """Fixed sequences when the coin says off-policy: dataset references, or teacher samples (SeqKD)."""
     target: Literal["teacher", "one_hot"] = "teacher"
     """Target distribution: the teacher's, or one-hot on the sequence's own tokens (SFT, SeqKD; lmbda=0)."""
-    alpha: float = 1.0
-    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward."""
-    reward: str | dict[str, Any] | None = None
-    """External reward of Eq. 5 (used when alpha < 1): a name, ``module:function`` path or spec dict."""
     baseline: Literal["leave_one_out", "batch_mean", "none"] = "leave_one_out"
     """Reward baseline over the batch's on-policy samples: ``leave_one_out``, ``batch_mean`` or ``none``."""
-    temperature: float = 1.0
-    """Student sampling temperature, also used for both distributions in the divergence (> 0)."""
-    top_k: int = 0
-    """Top-k filter for on-policy sampling (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus filter for on-policy sampling (1.0 = off)."""
-    max_new_tokens: int = 32
-    """Completion budget for sampled sequences."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        for name in ("beta", "lmbda", "alpha"):
+        for name in ("beta", "lmbda"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -116,24 +108,15 @@ class GKDConfig:
             raise ValueError(
                 f"alpha < 1 ({self.alpha}) weights a reward on on-policy samples, but lmbda=0 gives none"
             )
-        if self.reward is not None and not isinstance(self.reward, str | dict):
-            raise ValueError(
-                f"reward must be a name, a 'module:function' path or a spec dict, got {self.reward!r}"
-            )
         if self.baseline not in ("none", "batch_mean", "leave_one_out"):
             raise ValueError(
                 f"baseline must be 'none', 'batch_mean' or 'leave_one_out', got {self.baseline!r}"
             )
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 (training samples are stochastic), got {self.temperature}"
-            )
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # range checks
 
     @property
-    def sampling(self) -> SamplingConfig:
-        """The on-policy sampling settings."""
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+    def eval_beta(self) -> float:
+        """The JSD beta reported at evaluation: this config's ``beta``."""
+        return self.beta
 
 
 #: The paper's special cases as ``GKDConfig`` overrides: ``GKDConfig(**SPECIAL_CASES["sft"])``.

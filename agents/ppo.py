@@ -34,13 +34,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from rl_distill.agents.base import (
     Agent,
+    AgentConfig,
     ValueHead,
     explained_variance,
     hidden_size_of,
@@ -51,18 +51,14 @@ from rl_distill.agents.base import (
     token_logprobs,
 )
 from rl_distill.objective import env_token_rewards, student_token_rewards
-from rl_distill.rollout import Rollout, SamplingConfig
+from rl_distill.rollout import Rollout
 from rl_distill.tasks import Example
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(AgentConfig):
     """Hyper-parameters of :class:`PPOAgent` (cleanrl names)."""
 
-    alpha: float = 1.0
-    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward."""
-    reward: str | dict[str, Any] | None = None
-    """External reward of Eq. 5 (used when alpha < 1): a name, ``module:function`` path or spec dict."""
     update_epochs: int = 4
     """Epochs over each rollout (K of the PPO paper), >= 1."""
     num_minibatches: int = 1
@@ -87,24 +83,13 @@ class PPOConfig:
     """Clip every per-token reward to [-reward_clip, reward_clip] (> 0; None = off)."""
     value_lr: float | None = None
     """Learning rate of the value head's param group (None: the optimizer's default), > 0."""
-    temperature: float = 1.0
-    """Student sampling temperature; log pS (ratio, own reward) is taken at it (> 0)."""
-    top_k: int = 0
-    """Top-k filter for sampling (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus filter for sampling (1.0 = off)."""
-    max_new_tokens: int = 32
-    """Completion budget for sampled sequences."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "gamma", "gae_lambda"):
+        super().__post_init__()
+        for name in ("gamma", "gae_lambda"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if self.reward is not None and not isinstance(self.reward, str | dict):
-            raise ValueError(
-                f"reward must be a name, a 'module:function' path or a spec dict, got {self.reward!r}"
-            )
         for name in ("update_epochs", "num_minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,16 +102,6 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 (training samples are stochastic), got {self.temperature}"
-            )
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # range checks
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        """The sampling settings."""
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
 
 # ---------------------------------------------------------------------------------------------

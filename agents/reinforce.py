@@ -38,13 +38,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rl_distill.agents.base import (
     Agent,
+    AgentConfig,
     ValueHead,
     explained_variance,
     group_baseline,
@@ -55,18 +56,14 @@ from rl_distill.agents.base import (
     token_logprobs,
 )
 from rl_distill.objective import discounted_returns, env_token_rewards, student_token_rewards
-from rl_distill.rollout import Rollout, SamplingConfig
+from rl_distill.rollout import Rollout
 from rl_distill.tasks import Example
 
 
 @dataclass
-class REINFORCEConfig:
+class REINFORCEConfig(AgentConfig):
     """Hyper-parameters of :class:`REINFORCEAgent`."""
 
-    alpha: float = 1.0
-    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward."""
-    reward: str | dict[str, Any] | None = None
-    """External reward of Eq. 5 (used when alpha < 1): a name, ``module:function`` path or spec dict."""
     samples_per_prompt: int = 4
     """Completions sampled per prompt (k of RLOO), >= 1."""
     return_type: Literal["reward_to_go", "sequence"] = "reward_to_go"
@@ -83,24 +80,11 @@ class REINFORCEConfig:
     """Weight of the value-head loss (baseline='value'), >= 0."""
     value_lr: float | None = None
     """Learning rate of the value head's param group (None: the optimizer's default), > 0."""
-    temperature: float = 1.0
-    """Student sampling temperature; log pS in the rewards and the gradient is taken at it (> 0)."""
-    top_k: int = 0
-    """Top-k filter for sampling (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus filter for sampling (1.0 = off)."""
-    max_new_tokens: int = 32
-    """Completion budget for sampled sequences."""
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "gamma"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if self.reward is not None and not isinstance(self.reward, str | dict):
-            raise ValueError(
-                f"reward must be a name, a 'module:function' path or a spec dict, got {self.reward!r}"
-            )
+        super().__post_init__()
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.return_type not in ("reward_to_go", "sequence"):
@@ -117,16 +101,6 @@ class REINFORCEConfig:
             raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
         if self.value_lr is not None and not self.value_lr > 0:
             raise ValueError(f"value_lr must be > 0 or None, got {self.value_lr}")
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 (training samples are stochastic), got {self.temperature}"
-            )
-        SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)  # range checks
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        """The sampling settings."""
-        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
 
 
 # ---------------------------------------------------------------------------------------------

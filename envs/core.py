@@ -10,7 +10,7 @@ Rewards come from :func:`rl_distill.objective.env_token_rewards`, the same funct
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +19,9 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
-from rl_distill.envs.sources import (
-    PromptSource,
-    TeacherSpec,
-    metadata_lists,
-    resolve_prompts,
-    resolve_reward,
-    resolve_teacher,
-)
+from rl_distill.envs.sources import PromptSource, TeacherSpec, resolve_prompts, resolve_teacher
 from rl_distill.objective import env_token_rewards
+from rl_distill.rewards.registry import RewardSpec, resolve_reward, score_examples
 from rl_distill.rollout import IncrementalState, PromptBatch, PromptTooLongError, Rollout, RolloutEngine
 from rl_distill.tasks import Example
 
@@ -120,7 +114,7 @@ class TokenGenerationCore:
         *,
         num_rows: int = 1,
         alpha: float = 1.0,
-        reward: Callable[..., Any] | None = None,
+        reward: RewardSpec = None,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,
@@ -312,7 +306,7 @@ class TokenGenerationCore:
         ending = np.flatnonzero(done)
         examples = [self.rows[row][1] for row in ending]
         completions = [self.completion_text(row) for row in ending]
-        values = self.reward([ex.prompt for ex in examples], completions, **metadata_lists(examples))
+        values = score_examples(self.reward, examples, completions)
         external = np.zeros(self.num_rows, dtype=np.float64)
         external[ending] = values
         return external
@@ -347,9 +341,7 @@ class TokenGenerationCore:
                 examples = [self.example_for(text) for text in rollout.texts]
             if len(examples) != len(rollout):
                 raise ValueError(f"got {len(examples)} examples for {len(rollout)} sequences")
-            values = self.reward(
-                [ex.prompt for ex in examples], self.engine.decode(rollout), **metadata_lists(examples)
-            )
+            values = score_examples(self.reward, examples, self.engine.decode(rollout))
             external = torch.tensor(values, dtype=torch.float32)
         assert rollout.teacher_logprobs is not None
         rewards = env_token_rewards(rollout.teacher_logprobs, rollout.completion_mask, self.alpha, external)

@@ -1,4 +1,4 @@
-"""What an environment is built from: the teacher, the prompt source, and the reward's metadata.
+"""What an environment is built from: the teacher and the prompt source (rewards: ``rl_distill.rewards.registry``).
 
 Each helper turns a user-facing argument into a checked object and fails with a message that names
 the argument, before any model is run.
@@ -6,15 +6,13 @@ the argument, before any model is run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models import BUILTIN_MODELS, load_causal_lm, load_tokenizer
-from rl_distill.rewards import CheckedReward, checked
 from rl_distill.tasks import Example, TaskData, available_tasks, load_task
 
 #: What ``teacher=`` accepts: a model name or path, or an already loaded ``(model, tokenizer)`` pair.
@@ -113,33 +111,3 @@ def resolve_prompts(prompts: PromptSource, *, split: str = "train") -> list[Exam
             "or a task name)"
         )
     return examples
-
-
-def resolve_reward(reward: Callable[..., Any] | None) -> CheckedReward | None:
-    """Wrap a reward callable so every call is validated (:func:`rl_distill.rewards.call_reward`).
-
-    Raises:
-        TypeError: a non-callable (names are resolved in the config layer, not here).
-    """
-    if reward is None:
-        return None
-    if isinstance(reward, str) or not callable(reward):
-        raise TypeError(
-            f"reward must be a callable (prompts, completions, **metadata) -> list[float], got {reward!r}; "
-            "build one from a name with rl_distill.rewards.registry.build_reward"
-        )
-    return checked(reward)
-
-
-def metadata_lists(examples: Sequence[Example]) -> dict[str, list[Any]]:
-    """Reward keyword lists aligned with ``examples``: the metadata keys every example has.
-
-    The same convention as the trainer's evaluation (``rl_distill.evaluation``), so a reward sees
-    the same keywords in the environment as everywhere else.
-    """
-    if not examples:
-        return {}
-    keys = set(examples[0].metadata)
-    for ex in examples[1:]:
-        keys &= set(ex.metadata)
-    return {key: [ex.metadata[key] for ex in examples] for key in sorted(keys)}

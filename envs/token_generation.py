@@ -8,7 +8,7 @@ generates ``B`` at once with one batched teacher step. Both are registered as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -20,6 +20,7 @@ from gymnasium.vector.utils import batch_space
 
 from rl_distill.envs.core import EnvRewards, ObservationLayout, PromptOption, TokenGenerationCore
 from rl_distill.envs.sources import PromptSource, TeacherSpec
+from rl_distill.rewards.registry import RewardSpec
 from rl_distill.rollout import Rollout, RolloutEngine
 from rl_distill.tasks import Example
 
@@ -74,7 +75,7 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
 
     At step ``t``, ``alpha * log pT(a_t | s_t)`` (teacher at temperature 1); at the step that ends the
     episode, plus ``(1 - alpha) * r(prompt, completion)`` from the optional external ``reward``
-    (validated with :func:`rl_distill.rewards.call_reward`, metadata from the prompt's Example).
+    (called through :func:`rl_distill.rewards.registry.score_examples`, metadata from the prompt's Example).
     Computed by :func:`rl_distill.objective.env_token_rewards`, the function agents use. The
     student's own term ``-alpha * log pS(a_t | s_t)`` belongs to the agent. With ``alpha = 1`` the
     reward is never called. ``info`` holds ``teacher_logprob`` (``log pT(a_t | s_t)``), ``alpha``,
@@ -101,7 +102,9 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
     - ``teacher``: a model name/path (``smollm2-135m-instruct``, a checkpoint folder) or a loaded
       ``(model, tokenizer)`` pair.
     - ``prompts``: prompt strings, :class:`Example` s, a task name or a :class:`TaskData`.
-    - ``alpha`` (1.0), ``reward`` (None), ``max_new_tokens`` (32), ``max_prompt_length`` (default:
+    - ``reward`` (None): a callable ``(prompts, completions, **metadata)``, or a registered name,
+      ``module:function`` or spec dict (:func:`rl_distill.rewards.registry.resolve_reward`).
+    - ``alpha`` (1.0), ``max_new_tokens`` (32), ``max_prompt_length`` (default:
       the longest prompt), ``chat_template``, ``stop_token_ids``, ``return_teacher_logprobs``,
       ``split`` (``"train"``; a task's split), ``dtype``/``device`` (teacher loaded by name),
       ``render_mode`` (None or ``"ansi"``).
@@ -124,7 +127,7 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
         prompts: PromptSource,
         *,
         alpha: float = 1.0,
-        reward: Callable[..., Any] | None = None,
+        reward: RewardSpec = None,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,
@@ -261,7 +264,7 @@ class VectorTokenGenerationEnv(_CoreAccessors, VectorEnv):
         num_envs: int = 1,
         *,
         alpha: float = 1.0,
-        reward: Callable[..., Any] | None = None,
+        reward: RewardSpec = None,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,

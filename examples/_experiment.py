@@ -13,6 +13,7 @@ the held-out metrics are the trainer's (``eval/...`` sampled, ``eval/greedy/...`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -281,10 +282,73 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
+def runs_to_train(jobs: Sequence[Job], out: Path) -> int:
+    """How many of ``jobs`` are not yet in ``out/runs.jsonl`` (i.e. will train in this invocation)."""
+    done = {r.get("key") for r in read_runs(Path(out) / "runs.jsonl")}
+    return sum(1 for j in jobs if j.key not in done)
+
+
+def _setting(text: Any) -> Any:
+    """A value of a report's ``settings`` (recorded as ``str(value)``) back as a Python value."""
+    if not isinstance(text, str):
+        return text
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # paths, choices
+
+
+def cached_report(args: Any, name: str) -> tuple[Any, dict[str, Any]]:
+    """``(args, payload)`` for ``--report-only``: the raw JSON ``<args.results>/<name>.json`` of a
+    finished experiment and the arguments it ran with.
+
+    The returned namespace is ``args`` with every recorded setting of the run put back (so the page
+    describes the run that made the data, not this invocation's defaults); ``results`` and ``name``
+    stay as given. Nothing is trained.
+
+    Raises:
+        SystemExit: no such JSON.
+    """
+    path = Path(args.results) / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: --report-only rebuilds a page from its raw JSON")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    restored = argparse.Namespace(**vars(args))
+    for key, value in payload.get("settings", {}).items():
+        if key in ("results", "name", "report_only") or not hasattr(args, key):
+            continue
+        current = getattr(args, key)
+        value = _setting(value)
+        if isinstance(current, Path) and isinstance(value, str):
+            value = Path(value)
+        setattr(restored, key, value)
+    return restored, payload
+
+
+def run_minutes(runs: Sequence[dict[str, Any]]) -> float:
+    """The recorded time of the runs, summed over runs (``wall_seconds`` of each), in minutes."""
+    return sum(r.get("wall_seconds", 0.0) for r in runs) / 60
+
+
 def write_report(
-    name: str, args: Any, *, title: str, body: str, data: dict[str, Any], start: float
+    name: str,
+    args: Any,
+    *,
+    title: str,
+    body: str,
+    data: dict[str, Any],
+    start: float,
+    trained: int | None = None,
+    cached: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``<args.results>/<name>.md`` (command, machine, seeds, body) and ``<name>.json`` (raw data).
+    """Write ``<args.results>/<name>.md`` (command, machine, seeds, time, body) and ``<name>.json`` (raw data).
+
+    The time line says what happened in this invocation: when no run trained in it (every run was
+    read from ``runs.jsonl``, or the page is rebuilt from its raw JSON with ``cached``), the page says
+    "regenerated from cached runs; original run time N min", N being the recorded per-run times
+    summed; otherwise it gives this invocation's wall time and how many runs trained in it.
 
     Args:
         name: base name of the files.
@@ -294,6 +358,11 @@ def write_report(
         body: markdown after the header.
         data: the raw data (its ``runs`` give the summed run time).
         start: ``time.perf_counter()`` at the start of the invocation.
+        trained: runs trained in this invocation (see :func:`runs_to_train`). ``None``: inferred, 0
+            when the invocation was shorter than the shortest recorded run (no run can have trained
+            in it), else unknown.
+        cached: the raw JSON the page is rebuilt from (``--report-only``, see :func:`cached_report`):
+            its command, machine and seeds head the page and the JSON is left as it is.
 
     Returns:
         The JSON payload.
@@ -301,27 +370,58 @@ def write_report(
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start
-    run_minutes = sum(r.get("wall_seconds", 0.0) for r in data.get("runs", [])) / 60
+    runs = data.get("runs", [])
+    minutes = run_minutes(runs)
+    if cached is not None:
+        trained = 0
+    elif trained is None:
+        shortest = min((r.get("wall_seconds", 0.0) for r in runs), default=0.0)
+        trained = 0 if runs and seconds < shortest else None
+    source = cached if cached is not None else {}
+    command = source.get("command", command_line())
+    where = source.get("machine") or machine()
+    seeds = source.get("seeds", list(args.seeds))
+    summed = "summed over runs (each on one worker; several workers in parallel)"
+    if trained == 0:
+        timing = f"- Time: regenerated from cached runs; original run time {minutes:.1f} min, {summed}\n"
+    else:
+        count = (
+            ""
+            if trained is None
+            else f"; {trained} of {len(runs)} runs trained in it, the rest read from cache"
+        )
+        timing = (
+            f"- Wall time of this invocation: {seconds / 60:.1f} min{count}; time of the runs, {summed}: "
+            f"{minutes:.1f} min\n"
+        )
+    regenerated = (
+        "- Page regenerated from the raw data by the same script with `--report-only` (no training)\n"
+        if cached is not None
+        else ""
+    )
     header = (
         f"# {title}\n\n"
-        f"- Command: `{command_line()}`\n"
-        f"- Machine: {machine()}\n"
-        f"- Seeds: {', '.join(map(str, args.seeds))} (`train.seed`: sampling and batch order; data split fixed)\n"
-        f"- Wall time of this invocation: {seconds / 60:.1f} min; time of the runs, summed over runs "
-        f"(each on one worker; several workers in parallel): {run_minutes:.1f} min\n"
-        f"- Raw data: [`{name}.json`]({name}.json)\n\n"
+        f"- Command: `{command}`\n"
+        f"- Machine: {where}\n"
+        f"- Seeds: {', '.join(map(str, seeds))} (`train.seed`: sampling and batch order; data split fixed)\n"
+        + timing
+        + regenerated
+        + f"- Raw data: [`{name}.json`]({name}.json)\n\n"
     )
     md = results_dir / f"{name}.md"
     md.write_text(header + body.rstrip() + "\n", encoding="utf-8")
+    print(f"wrote {md}")
+    if cached is not None:
+        return cached
     payload = {
-        "command": command_line(),
-        "machine": machine(),
+        "command": command,
+        "machine": where,
         "seeds": list(args.seeds),
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "invocation": {"seconds": seconds, "runs_trained": trained},
         **data,
     }
     (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {md}")
     return payload
 
 

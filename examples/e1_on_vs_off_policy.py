@@ -39,7 +39,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _experiment import REPO, Job, fmt, group_stats, pyplot, relative, run_jobs, write_report  # noqa: E402
+from _experiment import (  # noqa: E402
+    REPO,
+    Job,
+    cached_report,
+    fmt,
+    group_stats,
+    pyplot,
+    relative,
+    run_jobs,
+    runs_to_train,
+    write_report,
+)
 
 from rl_distill.agents.gkd import SPECIAL_CASES  # noqa: E402
 
@@ -252,8 +263,148 @@ def plots(
     return names
 
 
+#: Method groups of the findings (reverse KL on the student's own samples by kind of method).
+OFF_POLICY = ("sft", "supervised_kd", "seqkd")
+MODE_SEEKING = ("rkl", "jsd0.5", "jsd0.9")  # reverse KL and the JSDs at beta >= 0.5 (towards reverse KL)
+
+
+def _range(values: list[float]) -> str:
+    """``"lo-hi"`` at 3 decimals (one value when they round alike)."""
+    lo, hi = f"{min(values):.3f}", f"{max(values):.3f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def findings(runs: list[dict[str, Any]], length: int) -> str:
+    """Plain statements about the main-length grid, computed from the runs (markdown bullets).
+
+    Accuracy against the start (which methods end more than one seed std away from it), accuracy
+    pooled by kind of method, and the reverse KL on the student's own samples by divergence and by
+    share of on-policy data (lambda).
+    """
+    main = [r for r in runs if r["length"] == length]
+    if not main:
+        return ""
+    start_acc = main[0]["before"]["eval/greedy/exact_match"]
+    start_rkl = main[0]["before"]["eval/reverse_kl"]
+    acc = group_stats(main, ["method"], accuracy)
+    rkl = {
+        m: v[0] for (m,), v in group_stats(main, ["method"], lambda r: r["after"]["eval/reverse_kl"]).items()
+    }
+    means = [v[0] for v in acc.values()]
+    outside = []
+    for (method,), (m, s, _) in sorted(acc.items(), key=lambda kv: kv[1][0]):
+        if abs(m - start_acc) > s:
+            z = (m - start_acc) / s if s > 0 else float("inf") * (1 if m > start_acc else -1)
+            where = "below" if m < start_acc else "above"
+            outside.append(f"`{method}` ({fmt(m, s)}, {abs(z):.1f} std {where} the start)")
+    within = len(acc) - len(outside)
+    near = (
+        f"{within} of {len(acc)} end within one std over seeds (their own) of the start"
+        if within
+        else f"none of the {len(acc)} ends within one std over seeds (its own) of the start"
+    )
+    out = [
+        f"- **Greedy accuracy** ({length} operations): the methods end at {_range(means)} against the "
+        f"start's {start_acc:.3f}; {near}" + (f"; outside it: {'; '.join(outside)}." if outside else ".")
+    ]
+    pools = [
+        ("off-policy (" + ", ".join(m for m in OFF_POLICY if (m,) in acc) + ")", lambda m: m in OFF_POLICY),
+        ("GKD lambda = 0.5", lambda m: m.startswith("gkd_l0.5_")),
+        ("on-policy GKD lambda = 1", lambda m: m.startswith("gkd_l1_")),
+    ]
+    pooled = []
+    for label, member in pools:
+        values = [accuracy(r) for r in main if member(r["method"])]
+        if values:
+            g = group_stats([{"v": v, "k": 0} for v in values], ["k"], lambda r: r["v"])[(0,)]
+            pooled.append(f"{label} {fmt(g[0], g[1])} ({g[2]} runs)")
+    if pooled:
+        out.append("- **Accuracy pooled over methods and seeds**: " + "; ".join(pooled) + ".")
+    off = [rkl[m] for m in OFF_POLICY if m in rkl]
+    rows = []
+    for lmbda in ("0.5", "1"):
+        fkl = rkl.get(f"gkd_l{lmbda}_fkl")
+        seeking = [rkl[f"gkd_l{lmbda}_{d}"] for d in MODE_SEEKING if f"gkd_l{lmbda}_{d}" in rkl]
+        jsd01 = rkl.get(f"gkd_l{lmbda}_jsd0.1")
+        parts = []
+        if seeking:
+            parts.append(f"reverse KL, JSD(0.5), JSD(0.9) {_range(seeking)}")
+        if jsd01 is not None:
+            parts.append(f"JSD(0.1) {jsd01:.3f}")
+        if fkl is not None:
+            parts.append(f"forward KL {fkl:.3f}")
+        if parts:
+            rows.append(f"lambda = {lmbda}: " + ", ".join(parts))
+    if off and rows:
+        text = (
+            f"- **Reverse KL on the student's own samples** (start {start_rkl:.3f}): off-policy methods "
+            f"{_range(off)}; GKD " + "; ".join(rows) + "."
+        )
+        fkl_arms = {m: rkl[m] for m in ("gkd_l0.5_fkl", "gkd_l1_fkl") if m in rkl}
+        seeking_all = {
+            m: v for m, v in rkl.items() if m.startswith("gkd_") and m.rsplit("_", 1)[1] in MODE_SEEKING
+        }
+        if fkl_arms:
+            worse = [m for m, v in fkl_arms.items() if v > max(off)]
+            if worse:
+                text += (
+                    " With forward KL, on-policy data does not lower it: "
+                    + ", ".join(f"`{m}`" for m in worse)
+                    + " end"
+                    + ("s" if len(worse) == 1 else "")
+                    + " above every off-policy method."
+                )
+        if seeking_all and max(seeking_all.values()) < min(off):
+            best = min(rkl, key=rkl.get)
+            text += (
+                " Every mode-seeking arm (reverse KL, JSD(0.5), JSD(0.9), at lambda 0.5 and 1: "
+                f"{_range(list(seeking_all.values()))}) ends below every off-policy method; the lowest is "
+                f"`{best}` ({rkl[best]:.3f}). The drop follows the divergence, not the share of on-policy data."
+            )
+        out.append(text)
+    return "\n".join(out) + "\n"
+
+
+def report_body(
+    args: argparse.Namespace, report: dict[str, Any], runs: list[dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """``(markdown body, raw data)`` of the page, from the runs and the teachers' report (plots written too)."""
+    teacher = report["teacher"]["metrics"]
+    teacher_acc = teacher.get(f"accuracy_steps{args.main_length}", teacher.get("accuracy"))
+    on, off = args.length_methods[-1], args.length_methods[0]
+    length_md, length_data = length_table(runs, on, off)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    pngs = plots(runs, args, results, teacher_acc)
+    teacher_lines = ", ".join(f"{k} {v:.3f}" for k, v in teacher.items())
+    student_lines = ", ".join(f"{k} {v:.3f}" for k, v in report["student"]["metrics"].items())
+    found = findings(runs, args.main_length)
+    body = (
+        "Tiny char-level teacher and SFT-started student from `examples/tiny_teachers.py` "
+        f"(`{relative(args.artifacts)}`): teacher greedy {teacher_lines}; student start {student_lines}. "
+        f"Each run: {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} "
+        f"(linear warm-up over 10% of the steps, then {args.lr_schedule} decay), sampling temperature 1.\n\n"
+        "## Methods at the main length\n\n"
+        + main_table(runs, args.main_length, teacher_acc)
+        + (f"\n## Findings (computed from the runs)\n\n{found}" if found else "")
+        + "\n## On-policy gain against problem length\n\n"
+        + length_md
+        + "\n"
+        + "".join(f"![{n}]({n})\n" for n in pngs)
+    )
+    data = {
+        "teacher_report": report,
+        "length": {str(k): v for k, v in length_data.items()},
+        "runs": runs,
+    }
+    return body, data
+
+
+TITLE = "E1: on-policy vs off-policy distillation (arithmetic, chain of thought)"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) E1 and write its report."""
+    """Run (or resume) E1 and write its report (``--report-only``: rebuild the page from its raw JSON)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "arithmetic")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "e1")
@@ -270,7 +421,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild <results>/<name>.md (and plots) from the committed <name>.json, with its settings; no training",
+    )
     args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.report_only:
+        args, cached = cached_report(args, args.name)
+        body, data = report_body(args, cached["teacher_report"], cached["runs"])
+        return write_report(args.name, args, title=TITLE, body=body, data=data, start=start, cached=cached)
     report_path = args.artifacts / "report.json"
     if not report_path.is_file():
         raise SystemExit(
@@ -280,41 +441,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = json.loads(report_path.read_text())
     if report["task"] != "arithmetic":
         raise SystemExit(f"{args.artifacts} holds a {report['task']} teacher; E1 needs an arithmetic one")
-    start = time.perf_counter()
-    runs = run_jobs(build_jobs(args, report), args.out, workers=args.workers)
-    teacher = report["teacher"]["metrics"]
-    teacher_acc = teacher.get(f"accuracy_steps{args.main_length}", teacher.get("accuracy"))
-    on, off = args.length_methods[-1], args.length_methods[0]
-    length_md, length_data = length_table(runs, on, off)
-    args.results.mkdir(parents=True, exist_ok=True)
-    pngs = plots(runs, args, args.results, teacher_acc)
-    teacher_lines = ", ".join(f"{k} {v:.3f}" for k, v in teacher.items())
-    student_lines = ", ".join(f"{k} {v:.3f}" for k, v in report["student"]["metrics"].items())
-    body = (
-        "Tiny char-level teacher and SFT-started student from `examples/tiny_teachers.py` "
-        f"(`{relative(args.artifacts)}`): teacher greedy {teacher_lines}; student start {student_lines}. "
-        f"Each run: {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} "
-        f"(linear warm-up over 10% of the steps, then {args.lr_schedule} decay), sampling temperature 1.\n\n"
-        "## Methods at the main length\n\n"
-        + main_table(runs, args.main_length, teacher_acc)
-        + "\n## On-policy gain against problem length\n\n"
-        + length_md
-        + "\n"
-        + "".join(f"![{n}]({n})\n" for n in pngs)
-    )
-    data = {
-        "teacher_report": report,
-        "length": {str(k): v for k, v in length_data.items()},
-        "runs": runs,
-    }
-    return write_report(
-        args.name,
-        args,
-        title="E1: on-policy vs off-policy distillation (arithmetic, chain of thought)",
-        body=body,
-        data=data,
-        start=start,
-    )
+    jobs = build_jobs(args, report)
+    trained = runs_to_train(jobs, args.out)
+    runs = run_jobs(jobs, args.out, workers=args.workers)
+    body, data = report_body(args, report, runs)
+    return write_report(args.name, args, title=TITLE, body=body, data=data, start=start, trained=trained)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _experiment import (
     REPO,
     Job,
+    cached_report,
     fmt,
     group_stats,
     load_pair,
@@ -53,6 +54,7 @@ from _experiment import (
     relative,
     run_job,
     run_jobs,
+    runs_to_train,
     task_from_spec,
     write_report,
 )  # noqa: E402,I001
@@ -324,7 +326,7 @@ def plot(runs: list[dict[str, Any]], points: dict[str, dict[str, float]], path: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) E2 and write its report."""
+    """Run (or resume) E2 and write its report (``--report-only``: rebuild the page from its raw JSON)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "factual")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "e2")
@@ -341,10 +343,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild <results>/<name>.md (and plot) from the committed <name>.json, with its settings; no training",
+    )
     args = p.parse_args(argv)
     bad = [a for a in args.alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise SystemExit(f"--alphas must be in [0, 1], got {bad}")
+    start = time.perf_counter()
+    if args.report_only:
+        args, cached = cached_report(args, args.name)
+        report, points, runs = cached["teacher_report"], cached["reference_points"], cached["runs"]
+        body, data = report_body(args, report, points, runs)
+        return write_report(args.name, args, title=TITLE, body=body, data=data, start=start, cached=cached)
     report_path = args.artifacts / "report.json"
     if not report_path.is_file():
         raise SystemExit(
@@ -353,12 +366,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = json.loads(report_path.read_text())
     if report["task"] != "factual_summary":
         raise SystemExit(f"{args.artifacts} holds a {report['task']} teacher; E2 needs a factual_summary one")
-    start = time.perf_counter()
     points = reference_points(args, report)
     runner = partial(run_e2_job, samples=args.eval_samples)
-    runs = run_jobs(build_jobs(args, report), args.out, workers=args.workers, runner=runner)
-    args.results.mkdir(parents=True, exist_ok=True)
-    plot(runs, points, args.results / f"{args.name}.png")
+    jobs = build_jobs(args, report)
+    trained = runs_to_train(jobs, args.out)
+    runs = run_jobs(jobs, args.out, workers=args.workers, runner=runner)
+    body, data = report_body(args, report, points, runs)
+    return write_report(args.name, args, title=TITLE, body=body, data=data, start=start, trained=trained)
+
+
+TITLE = "E2: RL + GKD for factual consistency (alpha sweep)"
+
+
+def report_body(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    points: dict[str, dict[str, float]],
+    runs: list[dict[str, Any]],
+) -> tuple[str, dict[str, Any]]:
+    """``(markdown body, raw data)`` of the page (the plot is written too)."""
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    plot(runs, points, results / f"{args.name}.png")
     rate = report["options"]["hallucination_rate"]
     body = (
         f"Teacher trained on `factual_summary` with {rate:.0%} of the training references carrying one "
@@ -381,14 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_points": points,
         "runs": runs,
     }
-    return write_report(
-        args.name,
-        args,
-        title="E2: RL + GKD for factual consistency (alpha sweep)",
-        body=body,
-        data=data,
-        start=start,
-    )
+    return body, data
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _experiment import (  # noqa: E402
     REPO,
     Job,
+    cached_report,
     fmt,
     group_stats,
     load_pair,
     pyplot,
     run_jobs,
+    runs_to_train,
     task_from_spec,
     write_report,
 )
@@ -279,7 +281,7 @@ def tables(runs: list[dict[str, Any]], methods: list[str], variance: dict[str, d
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) E3 and write its report."""
+    """Run (or resume) E3 and write its report (``--report-only``: rebuild the page from its raw JSON)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "arithmetic")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "e3")
@@ -295,7 +297,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="cosine")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild e3_estimators.md (and plot) from the committed e3_estimators.json, with its settings; no training",
+    )
     args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.report_only:
+        args, cached = cached_report(args, NAME)
+        body, data = report_body(args, cached["variance"], cached["runs"])
+        return write_report(NAME, args, title=TITLE, body=body, data=data, start=start, cached=cached)
     report_path = args.artifacts / "report.json"
     if not report_path.is_file():
         raise SystemExit(f"{report_path} not found: run examples/tiny_teachers.py first (see E1's docstring)")
@@ -304,11 +316,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(
             f"--samples must be a multiple of 4 (REINFORCE draws 4 per prompt), got {args.samples}"
         )
-    start = time.perf_counter()
     variance = variance_phase(args, report)
-    runs = run_jobs(build_jobs(args, report), args.out, workers=args.workers)
-    args.results.mkdir(parents=True, exist_ok=True)
-    plot_curves(runs, args.methods, args.results / "e3_curves.png")
+    jobs = build_jobs(args, report)
+    trained = runs_to_train(jobs, args.out)
+    runs = run_jobs(jobs, args.out, workers=args.workers)
+    body, data = report_body(args, variance, runs)
+    return write_report(NAME, args, title=TITLE, body=body, data=data, start=start, trained=trained)
+
+
+NAME = "e3_estimators"
+TITLE = "E3: REINFORCE, PPO and the direct GKD gradient on the same sample budget"
+
+
+def report_body(
+    args: argparse.Namespace, variance: dict[str, dict[str, float]], runs: list[dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """``(markdown body, raw data)`` of the page (the curves plot is written too)."""
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    plot_curves(runs, args.methods, results / "e3_curves.png")
     body = (
         "Tiny arithmetic teacher and SFT-started student from `examples/tiny_teachers.py`, "
         f"{args.length}-operation problems. Objective: Eq. 5 with alpha = 1 (reverse KL of the student's "
@@ -319,15 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + tables(runs, args.methods, variance)
         + "\n![e3_curves.png](e3_curves.png)\n"
     )
-    data = {"variance": variance, "runs": runs}
-    return write_report(
-        "e3_estimators",
-        args,
-        title="E3: REINFORCE, PPO and the direct GKD gradient on the same sample budget",
-        body=body,
-        data=data,
-        start=start,
-    )
+    return body, {"variance": variance, "runs": runs}
 
 
 if __name__ == "__main__":

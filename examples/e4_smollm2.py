@@ -44,7 +44,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _experiment import REPO, Job, fmt, group_stats, pyplot, read_runs, run_job, run_jobs, write_report  # noqa: E402
+from _experiment import (  # noqa: E402
+    REPO,
+    Job,
+    cached_report,
+    fmt,
+    group_stats,
+    pyplot,
+    read_runs,
+    run_job,
+    run_jobs,
+    runs_to_train,
+    write_report,
+)
 
 TEACHER = "smollm2-135m-instruct"
 NAME = "e4_smollm2"
@@ -249,7 +261,7 @@ def teacher_reference(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from rl_distill.evaluation import metadata_lists
+    from rl_distill.rewards.registry import score_examples
     from rl_distill.rewards.registry import build_reward
     from rl_distill.rollout import RolloutEngine, SamplingConfig
 
@@ -272,7 +284,7 @@ def teacher_reference(args: argparse.Namespace) -> dict[str, Any]:
             batch = task.eval[lo : lo + args.eval_batch_size]
             prompts = [ex.prompt for ex in batch]
             completions = engine.decode(engine.generate(prompts, sampling, model=teacher))
-            rewards = verifier(prompts, completions, **metadata_lists(batch))
+            rewards = score_examples(verifier, batch, completions)
             rows += [
                 {"prompt": p, "completion": c, "reward": r, "answer": ex.metadata["answer"]}
                 for p, c, r, ex in zip(prompts, completions, rewards, batch, strict=True)
@@ -532,6 +544,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--eval-every", type=int, default=0, help="extra held-out evaluations (0: start and end only)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (runs go one at a time)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help=f"rebuild {NAME}.md (and plot) from the committed {NAME}.json, with its settings; no training",
+    )
     args = p.parse_args(argv)
     for name in (
         "steps",
@@ -551,25 +568,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) E4 and write its report; return the report's data."""
-    args = parse_args(argv)
-    from rl_distill.models import smollm2_gguf_path
-    from rl_distill.models.builtin import SMOLLM2_NAME, cache_dir
+TITLE = "E4: the real teacher (SmolLM2-135M-Instruct, verifier reward, paper Eq. 5)"
 
-    if not (cache_dir() / SMOLLM2_NAME / "model.safetensors").is_file():
-        try:
-            smollm2_gguf_path()
-        except FileNotFoundError as err:
-            raise SystemExit(f"E4 needs the SmolLM2 teacher: {err}") from None
-    start = time.perf_counter()
-    jobs = build_jobs(args)
-    check_resumable(jobs, args.out)
-    teacher = teacher_reference(args)
-    print(f"teacher greedy accuracy {teacher['accuracy']:.3f} on {teacher['n']} held-out prompts", flush=True)
-    runs = run_jobs(jobs, args.out, workers=1, runner=run_e4_job)
-    png = args.results / f"{NAME}.png"
-    args.results.mkdir(parents=True, exist_ok=True)
+
+def report_body(
+    args: argparse.Namespace, teacher: dict[str, Any], runs: list[dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
+    """``(markdown body, raw data)`` of the page (the plot is written too)."""
+    png = Path(args.results) / f"{NAME}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, teacher, args.alphas, png)
     kept = runs[0]["job"]["model"]["student_layers"]
     body = (
@@ -591,18 +598,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + f"\n![{png.name}]({png.name})\n"
     )
     data = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "report_only"
+        },
         "teacher": teacher,
         "runs": runs,
     }
-    return write_report(
-        NAME,
-        args,
-        title="E4: the real teacher (SmolLM2-135M-Instruct, verifier reward, paper Eq. 5)",
-        body=body,
-        data=data,
-        start=start,
-    )
+    return body, data
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) E4 and write its report (``--report-only``: rebuild the page from its raw JSON)."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.report_only:
+        args, cached = cached_report(args, NAME)
+        body, data = report_body(args, cached["teacher"], cached["runs"])
+        return write_report(NAME, args, title=TITLE, body=body, data=data, start=start, cached=cached)
+    from rl_distill.models import smollm2_gguf_path
+    from rl_distill.models.builtin import SMOLLM2_NAME, cache_dir
+
+    if not (cache_dir() / SMOLLM2_NAME / "model.safetensors").is_file():
+        try:
+            smollm2_gguf_path()
+        except FileNotFoundError as err:
+            raise SystemExit(f"E4 needs the SmolLM2 teacher: {err}") from None
+    jobs = build_jobs(args)
+    check_resumable(jobs, args.out)
+    teacher = teacher_reference(args)
+    print(f"teacher greedy accuracy {teacher['accuracy']:.3f} on {teacher['n']} held-out prompts", flush=True)
+    trained = runs_to_train(jobs, args.out)
+    runs = run_jobs(jobs, args.out, workers=1, runner=run_e4_job)
+    body, data = report_body(args, teacher, runs)
+    return write_report(NAME, args, title=TITLE, body=body, data=data, start=start, trained=trained)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,29 @@ Layout of a run folder (``train.output_dir``)::
         optimizer.pt            # optimizer state_dict
         trainer_state.pt        # scheduler, RNG states of every process, data position, counters
         config.yaml             # the run configuration
-        meta.json               # {"step": 20, "format": 1}; written last
+        meta.json               # step, format, run id, config hash, every file's size; written last
       step-40/
       .tmp-step-60-XXXX/        # a save in progress (or killed): hidden, never read, removed on resume
     final/                      # save_pretrained student + tokenizer (plain from_pretrained)
 
 Every folder is written into a hidden temporary sibling and renamed into place, so a ``step-N``
 folder either exists complete or not at all; deleting old checkpoints renames them to a hidden name
-first, for the same reason. :func:`latest_checkpoint` considers only ``step-N`` folders with a
-``meta.json``.
+first, for the same reason; the parent folder is fsync'd after each rename. :func:`latest_checkpoint`
+considers only ``step-N`` folders with a ``meta.json``; :func:`find_resumable` also validates them
+(:func:`validate_checkpoint`: every recorded file present with its recorded size, safetensors headers
+readable, ``meta.json`` parseable) and falls back to the previous one when the newest is damaged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,7 +44,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor
 
 CHECKPOINTS = "checkpoints"
-FORMAT = 1
+FORMAT = 2  # 2: meta.json records run_id, config_hash and the size of every file
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -63,11 +67,38 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
+        fsync_dir(target.parent)  # make the rename itself durable
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, fsync, rename, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -101,9 +132,145 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+    """The newest complete checkpoint under ``root``, or None (not validated: see :func:`find_resumable`)."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` folder under ``root`` (complete or not) as ``(step, path)``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint (all damaged), or a checkpoint that cannot be read."""
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` is not a readable safetensors file (header length and JSON header), or None."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{file.name}: {size} bytes, too short for a safetensors header"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return f"{file.name}: header of {header_len} bytes does not fit in the file's {size} bytes"
+        try:
+            header = json.loads(fh.read(header_len))
+        except ValueError:
+            return f"{file.name}: unreadable safetensors header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + header_len + max(ends) > size:
+        return f"{file.name}: truncated ({size} bytes, the header needs {8 + header_len + max(ends)})"
+    return None
+
+
+def validate_checkpoint(path: str | Path) -> str | None:
+    """Why checkpoint ``path`` cannot be used (naming the file), or None when it looks complete.
+
+    Checks that ``meta.json`` parses; that every file it records exists with the recorded size
+    (format 2; format 1 checkpoints: the usual files exist); and that the safetensors headers are
+    readable and cover the data they describe.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        return "meta.json is missing"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        int(meta["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "meta.json is not valid checkpoint metadata"
+    files = meta.get("files")
+    if files is None:  # format 1
+        files = {name: None for name in ("student.safetensors", "optimizer.pt", "trainer_state.pt")}
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if size is not None and file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(file)
+            if problem:
+                return problem
+    return None
+
+
+def find_resumable(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that passes :func:`validate_checkpoint`, and the damaged newer ones.
+
+    Returns:
+        ``(path or None, [(damaged path, problem), ...])``.
+
+    Raises:
+        CheckpointError: there are checkpoints, but every one of them is damaged.
+    """
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(step_dirs(root)):
+        problem = validate_checkpoint(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    if damaged:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise CheckpointError(
+            f"no usable checkpoint in {root} ({listed}); start a new run (--overwrite moves this one aside)"
+        )
+    return None, []
+
+
+def latest_usable_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint ``--resume`` would load (newest valid one), or None."""
+    try:
+        return find_resumable(root)[0]
+    except CheckpointError:
+        return None
+
+
+def move_run_aside(output_dir: str | Path, aside: str | Path, names: list[str]) -> Path:
+    """Move a run's own entries (``names`` that exist, plus TensorBoard event files) into ``aside``.
+
+    Other files the user keeps in ``output_dir`` stay where they are.
+    """
+    output_dir, aside = Path(output_dir), Path(aside)
+    aside.mkdir(parents=True, exist_ok=False)
+    entries = [output_dir / n for n in names] + sorted(output_dir.glob("events.out.tfevents.*"))
+    for entry in entries:
+        if entry.exists():
+            os.replace(entry, aside / entry.name)
+    fsync_dir(output_dir)
+    fsync_dir(aside)
+    return aside
+
+
+# --- run identity -----------------------------------------------------------------------------
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-4}}`` -> ``{"train.lr": 1e-4}`` (sections and fields only, not inside values)."""
+    out: dict[str, Any] = {}
+    for section, fields in config.items():
+        if isinstance(fields, Mapping) and not prefix:
+            out.update(flatten_config(fields, f"{section}."))
+        else:
+            out[f"{prefix}{section}"] = fields
+    return out
+
+
+def config_hash(config: Mapping[str, Any], ignore: frozenset[str] | set[str] = frozenset()) -> str:
+    """SHA-256 (first 16 hex digits) of a run configuration, without the fields in ``ignore``."""
+    flat = {k: v for k, v in flatten_config(config).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``field -> (old, new)`` for the fields both configurations have and that differ."""
+    a, b = flatten_config(old), flatten_config(new)
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
 def remove_stale_temporaries(root: str | Path) -> list[Path]:
@@ -175,6 +342,8 @@ def save_checkpoint(
     trainer_state: Mapping[str, Any],
     config: Mapping[str, Any],
     keep_last: int,
+    run_id: str | None = None,
+    config_hash: str | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically, then prune to the newest ``keep_last``.
 
@@ -187,6 +356,8 @@ def save_checkpoint(
         trainer_state: scheduler state, RNG states, data position, counters (``torch.save``-able).
         config: the run configuration as a plain dict.
         keep_last: checkpoints to keep.
+        run_id: the run's id (``output_dir/run.json``), checked on resume.
+        config_hash: :func:`config_hash` of ``config``, recorded for reference.
 
     Returns:
         The checkpoint folder.
@@ -201,7 +372,9 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(dict(trainer_state), tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "format": FORMAT}) + "\n", encoding="utf-8")
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        meta = {"step": step, "format": FORMAT, "run_id": run_id, "config_hash": config_hash, "files": files}
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     prune_checkpoints(root, keep_last)
     return target
 

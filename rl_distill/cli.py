@@ -39,19 +39,22 @@ def _add_note(err: BaseException, note: str) -> None:
 
 # --- train --------------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rl_distill.checkpoint import checkpoint_root, latest_checkpoint
+    from rl_distill.checkpoint import checkpoint_root, latest_usable_checkpoint
     from rl_distill.config import load_config
-    from rl_distill.trainer import Trainer
+    from rl_distill.trainer import OutputDirInUseError, Trainer, TrainingInterrupted
 
-    config = load_config(args.config, args.set)
+    overrides = [*args.set, *(["train.overwrite=true"] if args.overwrite else [])]
+    config = load_config(args.config, overrides)
     start = time.perf_counter()
     trainer = Trainer(config)
     try:
         result = trainer.train(resume=args.resume)
-    except Exception as err:
-        latest = latest_checkpoint(checkpoint_root(trainer.output_dir))
+    except (OutputDirInUseError, TrainingInterrupted):
+        raise  # their message already says what to do
+    except (Exception, KeyboardInterrupt) as err:
+        latest = latest_usable_checkpoint(checkpoint_root(trainer.output_dir))
         if latest is not None:
-            _add_note(err, f"latest complete checkpoint: {latest} (continue with --resume)")
+            _add_note(err, f"latest usable checkpoint: {latest} (continue with --resume)")
         raise
     if not trainer.dist.is_main:
         return 0
@@ -90,29 +93,37 @@ def _eval_config(
     if not target.is_dir():
         raise FileNotFoundError(f"{str(target)!r} is neither a config file nor a model/checkpoint folder")
     is_model = (target / "config.json").is_file()  # save_pretrained folder (final/)
-    raw = load_config(config_path).to_dict() if config_path is not None else read_config(target)
-    config = config_from_dict(apply_overrides(raw, overrides))
+    raw = load_config(config_path, overrides).to_dict() if config_path is not None else read_config(target)
+    config = config_from_dict(apply_overrides(raw, overrides), allow_code=False)
     if is_model:  # evaluate this folder's weights as the student
         config.model = dataclasses.replace(config.model, student=str(target), student_config=None)
     return config, None if is_model else target, target.parent / f"eval-{target.name}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from rl_distill.checkpoint import load_student_weights, read_meta
-    from rl_distill.trainer import Trainer
+    from rl_distill.build import build_components
+    from rl_distill.checkpoint import load_student_weights, read_meta, validate_checkpoint
+    from rl_distill.evaluation import evaluate
 
     config, step_dir, out = _eval_config(Path(args.target), args.set, args.config)
     out = Path(args.out) if args.out else out
     config.train = dataclasses.replace(config.train, output_dir=str(out))
-    trainer = Trainer(config)
+    run = build_components(config)  # models, engine, task, reward: no optimizer, no agent
+    step = 0
     if step_dir is not None:
-        load_student_weights(step_dir, trainer.student)
-        trainer.step = int(read_meta(step_dir)["step"])
-    metrics = trainer.evaluate()
-    if not trainer.dist.is_main:
+        problem = validate_checkpoint(step_dir)
+        if problem is not None:
+            raise ValueError(f"checkpoint {step_dir} is damaged: {problem}")
+        load_student_weights(step_dir, run.student)
+        step = int(read_meta(step_dir)["step"])
+    metrics = evaluate(
+        run.engine, run.task.eval, config, run.dist, reward=run.eval_reward, step=step,
+        samples_path=out / "samples.jsonl",
+    )  # fmt: skip
+    if not run.dist.is_main:
         return 0
     _print_metrics(
-        f"held-out metrics of {args.target} ({len(trainer.task.eval)} prompts, nats/token):",
+        f"held-out metrics of {args.target} ({len(run.task.eval)} prompts, nats/token):",
         {"value": metrics},
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +173,11 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override a config field, e.g. --set agent.beta=0.9 (repeatable; values parsed as YAML)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allow-code", action="store_true",
+        help="allow rewards given as 'module:function' (imports and runs that code); "
+        "same as --set train.allow_code_rewards=true",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(train)
     train.add_argument(
         "--resume", action="store_true",
-        help="continue from the newest complete checkpoint in output_dir/checkpoints (fresh start if none)",
+        help="continue from the newest usable checkpoint in output_dir/checkpoints (fresh start if none)",
+    )  # fmt: skip
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="if output_dir holds another run, move it aside (output_dir-old-TIME) instead of refusing",
     )  # fmt: skip
     train.set_defaults(func=_cmd_train)
 
@@ -243,9 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rl-distill`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "allow_code", False):  # recorded in the run's config, so --resume needs no flag
+        args.set = [*args.set, "train.allow_code_rewards=true"]
     from rl_distill.env_check import EnvUnavailableError
     from rl_distill.rewards import RewardError
-    from rl_distill.trainer import TrainingAborted
+    from rl_distill.trainer import TrainingAborted, TrainingInterrupted
 
     try:
         return args.func(args)
@@ -253,6 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes = "".join(f"\n  {note}" for note in getattr(err, "__notes__", []))
         print(f"rl-distill: error: {err}{notes}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"rl-distill: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt as err:
+        notes = "".join(f"; {note}" for note in getattr(err, "__notes__", []))
+        print(f"rl-distill: interrupted{notes or ' (checkpoints on disk are intact)'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

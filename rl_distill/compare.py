@@ -18,6 +18,10 @@ from pathlib import Path
 
 from rl_distill.config import load_config
 from rl_distill.logger import read_jsonl
+from rl_distill.trainer import Trainer
+
+#: What :func:`compare` writes at the top of ``out_dir``.
+RESULT_FILES = ("comparison.md", "comparison.json", "learning_curve.png")
 
 
 @dataclass
@@ -60,8 +64,6 @@ def run_config(
     path: Path, name: str, seeds: Sequence[int], *, out_dir: Path, metric: str, overrides: Sequence[str]
 ) -> RunSummary:
     """Train ``path`` once per seed and collect final metrics and the ``metric`` curve."""
-    from rl_distill.trainer import Trainer
-
     summary = RunSummary(name=name, config_path=path)
     for seed in seeds:
         run_dir = out_dir / name / f"seed-{seed}"
@@ -145,7 +147,8 @@ def compare(
         The paths of the markdown table and of the plot.
 
     Raises:
-        ValueError: no configs or seeds, repeated seeds, or a metric no run logged.
+        ValueError: no configs or seeds, repeated seeds, an ``out_dir`` that already holds a comparison,
+            or a metric no run logged.
     """
     if not config_paths or not seeds:
         raise ValueError("compare needs at least one config and one seed")
@@ -154,10 +157,21 @@ def compare(
     paths = [Path(p) for p in config_paths]
     for path in paths:
         load_config(path, list(overrides))  # fail on a bad config before any training
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
+    labels = unique_labels(paths)
+    previous = [
+        str(p.relative_to(out))
+        for p in [*(out / f for f in RESULT_FILES), *(out / name for name in labels)]
+        if p.exists()
+    ]
+    if previous:
+        raise ValueError(
+            f"--out {str(out)!r} already holds a comparison ({', '.join(previous)}); its runs and curves would "
+            "mix with the new ones: choose another --out or remove the folder"
+        )
     runs = [
         run_config(path, name, seeds, out_dir=out, metric=metric, overrides=overrides)
-        for path, name in zip(paths, unique_labels(paths))
+        for path, name in zip(paths, labels)
     ]
     if not any(curve for run in runs for curve in run.curves.values()):
         raise ValueError(f"no run logged the metric {metric!r}; pick an eval/ key from metrics.jsonl")

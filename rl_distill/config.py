@@ -10,12 +10,17 @@ A config file has up to five sections (every field has a default, so any may be 
 
 Every field has a docstring and a range check; a bad value fails at load time with the field's
 full name (``agent.beta``) and what is allowed. Unknown fields are errors too (typos do not pass
-silently).
+silently), and so are duplicated YAML keys and non-finite floats (``.nan``, ``.inf``).
+
+A reward given as an import path ``module:function`` runs user code, so it is refused unless the run
+opts in: ``train.allow_code_rewards: true`` in the file, or ``--allow-code`` on the command line.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +100,22 @@ class DataConfig:
         for name in ("num_train", "num_eval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Every option is one the task's factory takes (its keyword arguments) and finite."""
+        from rl_distill.tasks import task_options
+        from rl_distill.tasks.base import SPLIT_ARGUMENTS
+
+        allowed = task_options(self.task)
+        for key, value in self.options.items():
+            if key in SPLIT_ARGUMENTS:
+                raise ConfigError(f"options.{key}: not a task option; set data.{key} instead")
+            if allowed is not None and key not in allowed:
+                accepts = f"accepts {', '.join(allowed)}" if allowed else "takes no options"
+                raise ConfigError(f"options.{key}: unknown option; task {self.task!r} {accepts}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"options.{key}: must be finite, got {value}")
 
 
 @dataclass
@@ -124,7 +145,7 @@ class TrainConfig:
     eval_seed: int = 1234
     """Seed of the evaluation sampler (same stream before and after training)."""
     output_dir: str = "runs/rl_distill"
-    """Folder for logs, checkpoints and the final model."""
+    """Folder for logs, checkpoints and the final model (``~`` is expanded; must not be an existing file)."""
     save_final: bool = True
     """Save the final student with ``save_pretrained`` (plus tokenizer) to ``output_dir/final``."""
     tensorboard: bool = True
@@ -137,6 +158,10 @@ class TrainConfig:
     """Keep only the newest K checkpoints (older ones are deleted after a new one is complete)."""
     max_consecutive_skips: int = 10
     """Abort (after writing a checkpoint) when this many steps in a row had a non-finite loss or gradient."""
+    overwrite: bool = False
+    """A fresh run into an ``output_dir`` holding another run moves that run aside (else it is refused)."""
+    allow_code_rewards: bool = False
+    """Allow rewards given as ``module:function`` (they import and run that code); the CLI's ``--allow-code``."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "keep_last", "max_consecutive_skips"):
@@ -151,6 +176,13 @@ class TrainConfig:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm: must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        out = Path(self.output_dir).expanduser()
+        self.output_dir = str(out)
+        # The first part of the path that exists must be a folder, or nothing can be written below it.
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is" if existing == out else f"is inside {str(existing)!r}, which is"
+            raise ConfigError(f"output_dir: {str(out)!r} {where} an existing file, not a folder")
 
 
 #: The reward evaluation uses for a task when ``eval.reward`` is ``auto`` and the agent has none.
@@ -210,6 +242,41 @@ def check_reward_spec(spec: Any, field_name: str, *, allow_auto: bool = False) -
     if ":" not in spec and spec not in available_rewards():
         raise ConfigError(
             f"{field_name}: unknown reward {spec!r}; choose one of {allowed}, null, or 'module:function'"
+        )
+
+
+def code_rewards(spec: Any, field_name: str) -> list[tuple[str, str]]:
+    """The ``module:function`` rewards inside a reward spec, as ``(field, path)`` pairs.
+
+    Looks into spec dicts (``name``) and ``weighted_sum`` lists, e.g.
+    ``("agent.reward.weighted_sum[1].name", "my_pkg.rewards:score")``.
+    """
+    if isinstance(spec, str):
+        return [(field_name, spec)] if ":" in spec else []
+    if not isinstance(spec, dict):
+        return []
+    found = code_rewards(spec.get("name"), f"{field_name}.name")
+    terms = spec.get("weighted_sum")
+    for i, term in enumerate(terms if isinstance(terms, list) else []):
+        found += code_rewards(term, f"{field_name}.weighted_sum[{i}]")
+    return found
+
+
+def check_code_allowed(config: Config) -> None:
+    """Refuse ``module:function`` rewards unless the run opted in (``train.allow_code_rewards``).
+
+    Raises:
+        ConfigError: naming the field that holds the import path and how to opt in.
+    """
+    if config.train.allow_code_rewards:
+        return
+    found = code_rewards(getattr(config.agent, "reward", None), "agent.reward")
+    found += code_rewards(config.eval.reward, "eval.reward")
+    if found:
+        where, path = found[0]
+        raise ConfigError(
+            f"{where}: {path!r} would import and run user code; allow it with --allow-code "
+            "or train.allow_code_rewards: true in the config"
         )
 
 
@@ -296,6 +363,12 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> A
             values[name] = value = float(value)  # YAML reads "1" as int; the field is a float
         if not _type_ok(value, tp):
             raise ConfigError(f"{section}.{name}: expected {_describe_type(tp)}, got {value!r}")
+        # A float value (or list of them) passed the type check, so the field accepts floats.
+        if any(
+            isinstance(v, float) and not math.isfinite(v)
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            raise ConfigError(f"{section}.{name}: must be finite, got {value}")
     try:
         return cls(**values)
     except ConfigError as err:
@@ -309,15 +382,21 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> A
 SECTIONS = ("model", "data", "agent", "train", "eval")
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a nested dict into a :class:`Config`."""
+def config_from_dict(raw: dict[str, Any], *, allow_code: bool = True) -> Config:
+    """Validate a nested dict into a :class:`Config`.
+
+    Args:
+        raw: sections ``model``, ``data``, ``agent``, ``train``, ``eval`` (any may be missing).
+        allow_code: accept ``module:function`` rewards without ``train.allow_code_rewards`` (a dict
+            built in Python is trusted like the code that built it; :func:`load_config` passes False).
+    """
     from rl_distill.agents import AGENTS
 
     if not isinstance(raw, dict):
         raise ConfigError(
             f"a config must be a mapping with sections {'/'.join(SECTIONS)}, got {type(raw).__name__}"
         )
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; expected {', '.join(SECTIONS)}")
     for section in SECTIONS:
@@ -333,7 +412,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     agent = build_dataclass(agent_cls, agent_raw, "agent")
     if isinstance(getattr(agent, "reward", None), str | dict):
         check_reward_spec(agent.reward, "agent.reward")
-    return Config(
+    config = Config(
         model=build_dataclass(ModelConfig, raw.get("model"), "model"),
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
         agent=agent,
@@ -341,38 +420,155 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         agent_name=agent_name,
         eval=build_dataclass(EvalConfig, raw.get("eval"), "eval"),
     )
+    if not allow_code:
+        check_code_allowed(config)
+    return config
+
+
+def _takes_mapping(section: str, name: str, raw: dict[str, Any]) -> bool:
+    """Whether field ``section.name`` can hold a mapping (True when unknown: validation names it later)."""
+    from rl_distill.agents import AGENTS
+
+    classes = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+    if section == "agent":
+        agent_raw = raw.get("agent")
+        agent_name = agent_raw.get("name", "gkd") if isinstance(agent_raw, dict) else "gkd"
+        classes["agent"] = AGENTS[agent_name][1] if agent_name in AGENTS else None
+    cls = classes.get(section)
+    tp = typing.get_type_hints(cls).get(name) if cls is not None else None
+    return tp is None or _type_ok({}, tp)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` strings (values parsed as YAML: ``0.5``, ``true``, ``[1, 2]``)."""
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    """Apply ``section.field=value`` strings (values parsed as YAML: ``0.5``, ``true``, ``[1, 2]``).
+
+    Longer paths set a key inside a mapping field: ``data.options.path=prompts.jsonl``.
+
+    Raises:
+        ConfigError: naming the override: no ``=``, invalid YAML, or a path through a non-mapping.
+    """
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {item!r}: expected section.field=value, e.g. agent.beta=0.5")
-        value = yaml.safe_load(text) if text.strip() else None
-        node = raw.setdefault(parts[0], {})
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
+        try:
+            value = load_yaml(text) if text.strip() else None
+        except DuplicateKeyError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML: {yaml_problem(err)}"
+            ) from None
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            where = ".".join(parts[: depth + 1])
+            if child is None and (depth != 1 or _takes_mapping(parts[0], part, raw)):
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                what = "not a mapping field" if child is None else f"{child!r}, not a mapping"
+                raise ConfigError(
+                    f"override {item!r}: {where} is {what}, so it has no {parts[depth + 1]!r} inside"
+                )
+            node = child
         node[parts[-1]] = value
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping gives the same key twice (PyYAML would silently keep the last value)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping, at any depth."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """``SafeLoader.construct_mapping``, after checking that no key is given twice."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: keys written next to it replace the merged ones on purpose
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first is not None:
+                where = f"lines {first} and {line}" if first != line else f"line {line}, twice"
+                raise DuplicateKeyError(f"duplicate key {key!r} on {where}")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, refusing duplicated keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw sections of a YAML config file (not yet validated).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ConfigError: invalid YAML or invalid values (the message names the field).
+        ConfigError: naming the file: unreadable, not UTF-8, invalid YAML, a duplicated key, or a
+            top level that is not a mapping.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    p, name = Path(path), str(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {name!r} is a folder, not a YAML file")
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {name!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        bad = err.object[err.start]
+        raise ConfigError(
+            f"config file {name!r} is not UTF-8 text (byte 0x{bad:02x} on line {line})"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {name!r} cannot be read: {err.strerror or err}") from None
+    try:
+        raw = load_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {name!r}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {name!r} is not valid YAML: {yaml_problem(err)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {name!r}: the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+            f"got a {type(raw).__name__}"
+        )
+    return raw
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, allow_code: bool = False
+) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: the YAML file, or None for the defaults.
+        overrides: ``section.field=value`` strings, applied in order.
+        allow_code: accept ``module:function`` rewards even without ``train.allow_code_rewards``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: invalid YAML or invalid values (the message names the file, field or override).
+    """
+    raw = read_config_file(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides or []), allow_code=allow_code)

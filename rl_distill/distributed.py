@@ -27,10 +27,30 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU."""
+    """``auto`` -> CUDA if available, else CPU; any other name must be a device this machine has.
+
+    Raises:
+        ConfigError: naming ``model.device`` when CUDA (or that CUDA index) or MPS is not available.
+    """
+    from rl_distill.config import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"model.device: {name!r} is not a device name ({err})") from None
+    fix = "use model.device: cpu or auto"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no CUDA GPU found"
+            raise ConfigError(f"model.device: {name!r}, but CUDA is not available ({build}); {fix}")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"model.device: {name!r}, but this machine has {count} CUDA device(s); {fix}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device: {name!r}, but MPS (Apple GPU) is not available; {fix}")
+    return device
 
 
 #: Variables holding the process count: torchrun / ``accelerate launch --multi_gpu``, then MPI.
@@ -82,11 +102,13 @@ class Distributed:
             device: ``model.device`` from the config (``cpu`` forces CPU processes).
 
         Raises:
+            ConfigError: ``device`` names a CUDA/MPS device this machine does not have.
             ValueError: Accelerate was configured for FSDP or DeepSpeed (see docs/scaling.md).
         """
         if not launched_distributed():
             warn_if_single_cpu_launch()
             return cls(None, 0, 1, resolve_device(device))
+        resolve_device(device)  # a device this machine lacks fails here, naming model.device
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
 

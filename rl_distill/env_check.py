@@ -1,18 +1,18 @@
 """``rl-distill env-check``: build a config's token-generation environment and run Gymnasium's checker.
 
-The environment package (``rl_distill.envs``, registering :data:`ENV_ID`) is imported lazily, so
-the rest of the toolkit works without it; when it is missing or does not register the id, the
-error says so instead of failing deep inside Gymnasium.
+The environment's arguments come from :func:`rl_distill.build.env_kwargs` (the one place that
+assembles runs); when the id is not registered, the error says so instead of failing deep inside
+Gymnasium.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
+from rl_distill.build import ENV_ID, env_kwargs
 from rl_distill.config import Config
 
-ENV_ID = "rl_distill/TokenGeneration-v0"
+__all__ = ["ENV_ID", "EnvUnavailableError", "check_config_env", "env_kwargs", "require_env"]
 
 
 class EnvUnavailableError(RuntimeError):
@@ -20,55 +20,18 @@ class EnvUnavailableError(RuntimeError):
 
 
 def require_env() -> None:
-    """Import ``rl_distill.envs`` and check that it registers :data:`ENV_ID`.
+    """Check that ``rl_distill.envs`` (imported by :mod:`rl_distill.build`) registered :data:`ENV_ID`.
 
     Raises:
         EnvUnavailableError: with the reason and what to do.
     """
     import gymnasium
 
-    try:
-        import rl_distill.envs  # noqa: F401  (registers the ids on import)
-    except ImportError as exc:
-        raise EnvUnavailableError(
-            f"the Gymnasium environments (rl_distill.envs) cannot be imported: {exc}. "
-            "Install the project with its envs/ folder (pip install -e .)"
-        ) from exc
     if ENV_ID not in gymnasium.envs.registry:
         raise EnvUnavailableError(
             f"rl_distill.envs does not register {ENV_ID!r} (registered rl_distill ids: "
             f"{sorted(k for k in gymnasium.envs.registry if k.startswith('rl_distill/')) or 'none'})"
         )
-
-
-def env_kwargs(config: Config, num_prompts: int) -> dict[str, Any]:
-    """The environment's arguments from a config: teacher, prompts, alpha, reward, max_new_tokens.
-
-    The prompts are the first ``num_prompts`` training examples (with their metadata).
-    """
-    from rl_distill.distributed import resolve_device
-    from rl_distill.models import load_causal_lm, load_tokenizer
-    from rl_distill.rewards.registry import build_reward
-    from rl_distill.tasks import load_task
-
-    mc, dc, agent = config.model, config.data, config.agent
-    task = load_task(dc.task, seed=dc.seed, num_train=dc.num_train, num_eval=dc.num_eval, **dc.options)
-    tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
-    teacher = load_causal_lm(
-        mc.teacher, dtype=mc.dtype, device=resolve_device(mc.device), trust_remote_code=mc.trust_remote_code
-    )
-    reward_spec = getattr(agent, "reward", None)
-    kwargs = {
-        "teacher": (teacher.eval().requires_grad_(False), tokenizer),
-        # Examples rather than strings: their metadata (answers, fact tables) reaches the reward.
-        "prompts": list(task.train[:num_prompts]),
-        "alpha": getattr(agent, "alpha", 1.0),
-        "reward": build_reward(reward_spec) if reward_spec is not None else None,
-        "max_new_tokens": getattr(agent, "max_new_tokens", 32),
-    }
-    if mc.chat_template is not None:
-        kwargs["chat_template"] = mc.chat_template
-    return kwargs
 
 
 def check_config_env(config: Config, *, num_prompts: int = 4) -> list[str]:

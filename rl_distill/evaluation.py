@@ -5,7 +5,8 @@ teacher scores it, and we record the paper-Eq.-2 token-level divergences on that
 length, the teacher's mean log-prob of its tokens and, when a reward is configured, the reward
 (``exact_match`` gives verifier accuracy, ``factual_consistency`` factuality). Per-example rows are
 the unit: the trainer gathers them across processes, averages them with :func:`summarize_rows` and
-writes some to ``samples.jsonl`` with :func:`write_samples`.
+writes some to ``samples.jsonl`` with :func:`write_samples`. :func:`evaluate` does all of it for a
+run's configuration (the trainer's periodic evaluation and ``rl-distill eval`` both call it).
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rl_distill.divergences import forward_kl, generalized_jsd, reverse_kl
+from rl_distill.rewards.registry import score_examples
 from rl_distill.rollout import RolloutEngine, SamplingConfig
 from rl_distill.tasks import Example
+
+if TYPE_CHECKING:
+    from rl_distill.config import Config
+    from rl_distill.distributed import Distributed
 
 #: Per-example metrics, in the order they are reported.
 METRICS = ("jsd", "forward_kl", "reverse_kl", "completion_length", "teacher_logprob")
@@ -29,16 +35,6 @@ METRICS = ("jsd", "forward_kl", "reverse_kl", "completion_length", "teacher_logp
 def metric_name(reward_name: str) -> str:
     """A reward's name as a metric key suffix: ``fixtures:my_reward`` -> ``fixtures_my_reward``."""
     return re.sub(r"[^A-Za-z0-9_]+", "_", reward_name).strip("_") or "reward"
-
-
-def metadata_lists(examples: Sequence[Example]) -> dict[str, list[Any]]:
-    """Metadata keys every example has, as lists aligned with ``examples`` (the reward contract)."""
-    if not examples:
-        return {}
-    keys = set(examples[0].metadata)
-    for ex in examples[1:]:
-        keys &= set(ex.metadata)
-    return {key: [ex.metadata[key] for ex in examples] for key in sorted(keys)}
 
 
 @torch.no_grad()
@@ -66,7 +62,7 @@ def evaluation_rows(
         batch_size: prompts per batch.
         seed: seed of the evaluation sampler.
         beta: beta of the reported JSD.
-        reward: optional reward called as ``reward(prompts, completions, **metadata)``.
+        reward: optional reward, called through :func:`~rl_distill.rewards.registry.score_examples`.
         first_index: index of ``examples[0]`` in the whole eval split (rows carry ``index``).
 
     Returns:
@@ -89,7 +85,7 @@ def evaluation_rows(
             "teacher_logprob": r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1),
         }  # each (B,)
         completions = engine.decode(r)
-        rewards = reward(prompts, completions, **metadata_lists(batch)) if reward is not None else None
+        rewards = score_examples(reward, batch, completions) if reward is not None else None
         for i, ex in enumerate(batch):
             row: dict[str, Any] = {
                 "index": first_index + lo + i,
@@ -154,3 +150,56 @@ def write_samples(
     with path.open("a", encoding="utf-8") as fh:
         for row in sorted(rows, key=lambda r: r["index"])[:limit]:
             fh.write(json.dumps({"step": step, "decoding": decoding, **row}) + "\n")
+
+
+def evaluate(
+    engine: RolloutEngine,
+    examples: Sequence[Example],
+    config: Config,
+    dist: Distributed,
+    *,
+    reward: Callable[..., list[float]] | None = None,
+    step: int = 0,
+    samples_path: str | Path | None = None,
+) -> dict[str, float]:
+    """A run's held-out metrics: sampled and/or greedy decoding (``config.eval``), gathered over processes.
+
+    Each process evaluates its contiguous shard of ``examples``; rows are gathered and averaged.
+
+    Args:
+        engine: the run's rollout engine.
+        examples: the held-out split.
+        config: the run configuration (``eval``, ``train.eval_*``, the agent's temperature, budget, beta).
+        dist: the process group (one process without Accelerate).
+        reward: the evaluation reward (``eval.reward`` resolved), or None.
+        step: the global step, written with the sample completions.
+        samples_path: where the main process appends ``eval.num_samples`` completions (None: nowhere).
+
+    Returns:
+        ``eval/...`` (sampled) and ``eval/greedy/...`` metrics.
+    """
+    ec, tc, agent = config.eval, config.train, config.agent
+    max_new_tokens = ec.max_new_tokens or agent.max_new_tokens
+    decodings = [("sampled", "eval/", agent.temperature)] if ec.sampled else []
+    decodings += [("greedy", "eval/greedy/", 0.0)] if ec.greedy else []
+    n, world, rank = len(examples), dist.world_size, dist.rank
+    chunk = -(-n // world)
+    shard = examples[rank * chunk : (rank + 1) * chunk]
+    reward_name = getattr(reward, "name", None) if reward is not None else None
+    metrics: dict[str, float] = {}
+    for decoding, prefix, temperature in decodings:
+        rows = evaluation_rows(
+            engine,
+            shard,
+            sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+            batch_size=tc.eval_batch_size,
+            seed=tc.eval_seed + rank,
+            beta=agent.eval_beta,
+            reward=reward,
+            first_index=rank * chunk,
+        )
+        rows = dist.gather_rows(rows)
+        metrics.update(summarize_rows(rows, prefix=prefix, reward_name=reward_name))
+        if samples_path is not None and dist.is_main:
+            write_samples(samples_path, rows, step=step, decoding=decoding, limit=ec.num_samples)
+    return metrics

@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rl_distill.checkpoint import atomic_write_text
+
 PREFIXES = ("rollout/", "train/", "eval/", "time/")
 
 
@@ -100,20 +102,18 @@ class MetricsLogger:
 
 
 def truncate_jsonl(path: str | Path, max_step: int) -> None:
-    """Drop the rows of a JSONL log whose ``step`` is greater than ``max_step`` (atomic rewrite)."""
+    """Drop the rows of a JSONL log whose ``step`` is greater than ``max_step`` (atomic, fsync'd rewrite)."""
     path = Path(path)
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line).get("step", 0) <= max_step:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

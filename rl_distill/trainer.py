@@ -1,73 +1,101 @@
-"""The training loop around ``agent.update()``: build everything from a config, evaluate, train, save.
+"""The training loop around ``agent.update()``: evaluate, train, checkpoint, save.
 
 One step: the next batch of prompts (this process's shard of the global batch), ``agent.update``,
-the scheduler, then logging, periodic evaluation and checkpoints. Building the parts lives in
-:mod:`rl_distill.build`, checkpointing in :mod:`rl_distill.checkpoint`, evaluation in
-:mod:`rl_distill.evaluation`, multi-process plumbing in :mod:`rl_distill.distributed`.
+the scheduler, then logging, periodic evaluation and checkpoints. Every part of a run is built by
+:func:`rl_distill.build.build_run`; checkpointing lives in :mod:`rl_distill.checkpoint`, evaluation
+in :mod:`rl_distill.evaluation`, multi-process plumbing in :mod:`rl_distill.distributed`.
+
+Runs never mix: a fresh run refuses an ``output_dir`` that holds another run's checkpoints or logs
+(``train.overwrite`` moves them aside first), every run gets a run id (``run.json``) that its
+checkpoints carry, and ``--resume`` checks the checkpoint's run id and configuration. Ctrl-C stops
+after the current step and writes a checkpoint.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import json
 import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill import checkpoint as ckpt
 from rl_distill.build import (
+    Run,
     agent_tensors,
     build_eval_reward,
     build_models,
-    check_prompts_fit,
+    build_run,
     load_agent_tensors,
+    lr_factor,
     seed_everything,
 )
 from rl_distill.config import Config
-from rl_distill.distributed import Distributed, resolve_device
-from rl_distill.evaluation import evaluation_rows, summarize_rows, write_samples
+from rl_distill.distributed import resolve_device
+from rl_distill.evaluation import evaluate
 from rl_distill.logger import MetricsLogger, Progress, truncate_jsonl
-from rl_distill.rollout import RolloutEngine, SamplingConfig
-from rl_distill.tasks import Example, TaskData, load_task
+from rl_distill.tasks import Example, TaskData
 
 __all__ = [
+    "OutputDirInUseError",
     "TrainResult",
     "Trainer",
     "TrainingAborted",
+    "TrainingInterrupted",
     "build_eval_reward",
     "build_models",
+    "lr_factor",
     "resolve_device",
     "seed_everything",
 ]
 
-
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """The learning-rate multiplier after ``step`` scheduler steps (``train.warmup_steps``, ``train.lr_schedule``).
-
-    Linear warm-up to 1 over ``warmup`` steps, then constant, or a linear or cosine decay from 1 that
-    would reach 0 at ``total`` (the last of the ``total`` updates still has a non-zero rate).
-
-    >>> [round(lr_factor(s, warmup=2, total=6, schedule="linear"), 2) for s in range(6)]
-    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr_schedule {schedule!r}")
+#: Files a run writes at the top of its ``output_dir`` (what makes a folder "hold a run").
+RUN_FILES = ("run.json", "metrics.jsonl", "hparams.json", "samples.jsonl", "summary.json")
+#: Fields that may change between a run and its resumption (budget, logging, bookkeeping).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.steps",
+        "train.save_every",
+        "train.keep_last",
+        "train.eval_every",
+        "train.threads",
+        "train.tensorboard",
+        "train.save_final",
+        "train.output_dir",
+        "train.overwrite",
+        "train.allow_code_rewards",
+        "train.max_consecutive_skips",
+        "train.eval_batch_size",
+        "train.eval_seed",
+        "model.device",
+        # Evaluation does not change training: every eval.* field may change too.
+        "eval.sampled",
+        "eval.greedy",
+        "eval.num_samples",
+        "eval.max_new_tokens",
+        "eval.reward",
+    }
+)
 
 
 class TrainingAborted(RuntimeError):
     """Too many consecutive steps were skipped (non-finite loss or gradient); a checkpoint was written."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped training after a step; a checkpoint of that step was written."""
+
+
+class OutputDirInUseError(ValueError):
+    """A fresh run was pointed at an ``output_dir`` holding another run (or a resume at a different run)."""
 
 
 @dataclass
@@ -92,12 +120,17 @@ class TrainResult:
 
 
 class Trainer:
-    """Build models, task, engine and agent from a :class:`Config`; run the loop.
+    """Run the training loop over the parts :func:`~rl_distill.build.build_run` assembles from a config.
 
     Args:
         config: the validated run configuration.
         models: optional pre-built ``(teacher, student, tokenizer)`` (tests and notebooks).
         task: optional pre-built task data.
+
+    Attributes:
+        run: the assembled parts; ``config``, ``dist``, ``device``, ``task``, ``engine``, ``student``,
+            ``tokenizer``, ``optimizer``, ``generator``, ``agent``, ``scheduler`` and ``eval_reward``
+            are shortcuts to them.
     """
 
     def __init__(
@@ -107,84 +140,41 @@ class Trainer:
         models: tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase] | None = None,
         task: TaskData | None = None,
     ) -> None:
-        self.config = config
-        tc = config.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        self.dist = Distributed.setup(config.model.device)
-        seed_everything(tc.seed)  # the same in every process: identical initial students
-        self.device = self.dist.device
-        self.task = task or load_task(
-            config.data.task,
-            seed=config.data.seed,
-            num_train=config.data.num_train,
-            num_eval=config.data.num_eval,
-            **config.data.options,
+        self.run: Run = build_run(config, models=models, task=task)
+        run = self.run
+        assert run.agent is not None and run.optimizer is not None and run.scheduler is not None
+        self.config, self.dist, self.device = config, run.dist, run.dist.device
+        self.task, self.engine, self.student, self.tokenizer = (
+            run.task,
+            run.engine,
+            run.student,
+            run.tokenizer,
         )
-        teacher, student, tokenizer = models or build_models(config, self.device)
-        self.engine = RolloutEngine(student, teacher, tokenizer, chat_template=config.model.chat_template)
-        self.student, self.tokenizer = student, tokenizer
-        check_prompts_fit(self.engine, self.task, max(self.max_new_tokens, self.eval_max_new_tokens))
-        self.eval_reward = build_eval_reward(config)
-        # fused=True: one kernel for all parameters (measured 1.97 -> 1.84 s per GKD step on CPU,
-        # docs/results/performance.md); supported on CPU and CUDA for floating-point parameters.
-        self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad],
-            lr=tc.lr,
-            weight_decay=tc.weight_decay,
-            fused=True,
+        self.optimizer, self.generator, self.agent, self.scheduler = (
+            run.optimizer,
+            run.generator,
+            run.agent,
+            run.scheduler,
         )
-        # Each process samples its own stream; batches are drawn from one shared order.
-        self.generator = torch.Generator(device=self.device).manual_seed(tc.seed + self.dist.rank)
-        self.batch_rng = random.Random(tc.seed)
-        self.agent = self._build_agent()
-        # After the agent: its own param group (value head) must follow the schedule too.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            partial(lr_factor, warmup=tc.warmup_steps, total=tc.steps, schedule=tc.lr_schedule),
-        )
-        if self.dist.enabled:  # wrap after the agent is built: it may read the plain model's config
-            self.engine.student = self.agent.student = self.dist.wrap_student(student)
-        self.output_dir = Path(tc.output_dir)
+        self.eval_reward = run.eval_reward
+        self.batch_rng = random.Random(config.train.seed)
+        self.output_dir = Path(config.train.output_dir).expanduser()
         self.step = 0
         self.before: dict[str, float] | None = None
         self.consecutive_skips = 0
+        self.run_id: str | None = None
         self._order: list[int] = []
+        self._sigint = threading.Event()
 
-    # --- set-up helpers -------------------------------------------------------------------
     @property
     def max_new_tokens(self) -> int:
         """The agent's completion budget."""
-        return getattr(self.config.agent, "max_new_tokens", 32)
+        return self.run.max_new_tokens
 
     @property
     def eval_max_new_tokens(self) -> int:
         """The completion budget at evaluation."""
-        return self.config.eval.max_new_tokens or self.max_new_tokens
-
-    def _build_agent(self) -> Any:
-        """The configured agent, with its own parameters (``extra_parameters()``) in the optimizer.
-
-        Agents add their value heads to the optimizer themselves; a group is added here for any
-        parameter an agent lists but did not register.
-        """
-        from rl_distill.agents import AGENTS
-
-        agent_cls, _ = AGENTS[self.config.agent_name]
-        agent = agent_cls(
-            self.engine,
-            self.optimizer,
-            self.config.agent,
-            max_grad_norm=self.config.train.max_grad_norm,
-            generator=self.generator,
-            **({"accelerator": self.dist.accelerator} if self.dist.enabled else {}),
-        )
-        extra = list(getattr(agent, "extra_parameters", lambda: [])())
-        known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        missing = [p for p in extra if p.requires_grad and id(p) not in known]
-        if missing:
-            self.optimizer.add_param_group({"params": missing})
-        return agent
+        return self.run.eval_max_new_tokens
 
     # --- data -----------------------------------------------------------------------------
     def next_batch(self) -> list[Example]:
@@ -205,51 +195,39 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, *, write: bool = True) -> dict[str, float]:
-        """Held-out metrics (sampled and/or greedy decoding), gathered over processes.
+        """Held-out metrics (:func:`rl_distill.evaluation.evaluate`), gathered over processes.
 
         Args:
             write: append sample completions to ``output_dir/samples.jsonl`` (main process).
         """
-        ec, tc = self.config.eval, self.config.train
-        temperature = getattr(self.config.agent, "temperature", 1.0)
-        decodings = [("sampled", "eval/", temperature)] if ec.sampled else []
-        decodings += [("greedy", "eval/greedy/", 0.0)] if ec.greedy else []
-        n, world, rank = len(self.task.eval), self.dist.world_size, self.dist.rank
-        chunk = -(-n // world)
-        shard = self.task.eval[rank * chunk : (rank + 1) * chunk]
-        metrics: dict[str, float] = {}
-        for decoding, prefix, temp in decodings:
-            rows = evaluation_rows(
-                self.engine,
-                shard,
-                sampling=SamplingConfig(max_new_tokens=self.eval_max_new_tokens, temperature=temp),
-                batch_size=tc.eval_batch_size,
-                seed=tc.eval_seed + rank,
-                beta=getattr(self.config.agent, "beta", 0.5),
-                reward=self.eval_reward,
-                first_index=rank * chunk,
-            )
-            rows = self.dist.gather_rows(rows)
-            name = self.eval_reward.name if self.eval_reward is not None else None
-            metrics.update(summarize_rows(rows, prefix=prefix, reward_name=name))
-            if write and self.dist.is_main:
-                path = self.output_dir / "samples.jsonl"
-                write_samples(path, rows, step=self.step, decoding=decoding, limit=ec.num_samples)
-        return metrics
+        return evaluate(
+            self.engine,
+            self.task.eval,
+            self.config,
+            self.dist,
+            reward=self.eval_reward,
+            step=self.step,
+            samples_path=self.output_dir / "samples.jsonl" if write else None,
+        )
 
     # --- loop -----------------------------------------------------------------------------
     def train(self, *, resume: bool = False) -> TrainResult:
         """Evaluate, train until ``train.steps`` with a progress bar, evaluate, save the final student.
 
         Args:
-            resume: continue from the newest complete checkpoint in ``output_dir/checkpoints``
-                (a fresh start when there is none).
+            resume: continue from the newest usable checkpoint in ``output_dir/checkpoints`` (a
+                damaged one is reported and the previous one used; a fresh start when there is none).
 
         Raises:
+            OutputDirInUseError: a fresh run into a folder holding another run (without
+                ``train.overwrite``), or a checkpoint of another run or configuration.
             TrainingAborted: ``train.max_consecutive_skips`` steps in a row were skipped.
+            TrainingInterrupted: Ctrl-C; the step it stopped after was checkpointed.
         """
         tc = self.config.train
         resumed_from = self.resume_latest() if resume else None
+        if resumed_from is None:
+            self._claim_output_dir(fresh_after_resume=resume)
         logger = self._open_logger(resume=resume, resumed=resumed_from is not None)
         try:
             if self.before is None:
@@ -257,14 +235,15 @@ class Trainer:
                 logger.record_dict(self.before)
                 logger.dump(self.step)
             progress = Progress(tc.steps, initial=self.step, enabled=self.dist.is_main)
-            while self.step < tc.steps:
-                stats = self.train_step()
-                logger.record_dict(stats)
-                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                    logger.record_dict(self.evaluate())
-                logger.dump(self.step)
-                self._after_step(stats)
-                progress.update(self.step, stats["train/loss"], stats["time/tokens_per_s"])
+            with self._stop_on_sigint():
+                while self.step < tc.steps:
+                    stats = self.train_step()
+                    logger.record_dict(stats)
+                    if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                        logger.record_dict(self.evaluate())
+                    logger.dump(self.step)
+                    self._after_step(stats)
+                    progress.update(self.step, stats["train/loss"], stats["time/tokens_per_s"])
             progress.close()
             seconds = progress.elapsed
             after = self.evaluate()
@@ -298,8 +277,14 @@ class Trainer:
         return stats
 
     def _after_step(self, stats: dict[str, float]) -> None:
-        """Periodic checkpoint; abort (after a checkpoint) on too many skipped steps in a row."""
+        """Periodic checkpoint; stop (after a checkpoint) on Ctrl-C or too many skipped steps in a row."""
         tc = self.config.train
+        if self._interrupt_requested():
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted (Ctrl-C) after step {self.step}; checkpoint written to {path}; "
+                "continue with --resume"
+            )
         limit = tc.max_consecutive_skips
         if self.consecutive_skips >= limit:
             path = self.save_checkpoint()
@@ -312,11 +297,46 @@ class Trainer:
         if tc.save_every and self.step % tc.save_every == 0:
             self.save_checkpoint()
 
+    @contextlib.contextmanager
+    def _stop_on_sigint(self) -> Iterator[None]:
+        """While training: the first Ctrl-C asks the loop to stop after the current step (and checkpoint).
+
+        A second Ctrl-C interrupts at once (the newest checkpoint on disk stays intact: saves are
+        atomic). Only the main thread can install signal handlers; elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._sigint.is_set():
+                raise KeyboardInterrupt
+            self._sigint.set()
+            if self.dist.is_main:
+                print(
+                    "\nrl-distill: Ctrl-C: stopping after this step and writing a checkpoint "
+                    "(press Ctrl-C again to stop at once)",
+                    flush=True,
+                )
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupt_requested(self) -> bool:
+        """Whether any process got Ctrl-C (all processes must agree to stop at the same step)."""
+        flag = 1.0 if self._sigint.is_set() else 0.0
+        if self.dist.enabled:
+            flag = self.dist.reduce_stats({"interrupt": flag})["interrupt"]
+        return flag > 0
+
     def _open_logger(self, *, resume: bool, resumed: bool) -> MetricsLogger:
         """JSONL + TensorBoard on the main process (in-memory elsewhere); hyper-parameters once.
 
         A resumed run drops what the interrupted run logged after the checkpoint (a ``--resume``
-        that found no checkpoint starts over and drops everything); a plain run appends.
+        that found no checkpoint starts over and drops everything).
         """
         if not self.dist.is_main:
             return MetricsLogger(None)
@@ -329,6 +349,52 @@ class Trainer:
         if not resumed:
             logger.log_hparams(self.config.to_dict())
         return logger
+
+    # --- one run per output_dir -------------------------------------------------------------
+    def existing_run(self) -> list[str]:
+        """What of another run ``output_dir`` holds (run files, checkpoints, final model); empty if none."""
+        found = [name for name in RUN_FILES if (self.output_dir / name).is_file()]
+        steps = ckpt.step_dirs(self.checkpoint_root)
+        if steps:
+            found.append(f"{len(steps)} checkpoint(s) up to step {steps[-1][0]}")
+        if (self.output_dir / "final").is_dir():
+            found.append("final/")
+        return found
+
+    def _claim_output_dir(self, *, fresh_after_resume: bool = False) -> None:
+        """Make ``output_dir`` this run's: refuse another run's folder, or move it aside (``train.overwrite``).
+
+        Then write ``run.json`` (a new run id and the config hash) on the main process.
+        """
+        found = self.existing_run()
+        if fresh_after_resume:  # nothing to resume: an unfinished attempt may be replaced, a finished run not
+            found = [f for f in found if f == "final/"]
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise OutputDirInUseError(f"train.output_dir {str(self.output_dir)!r} is a file, not a folder")
+        if found:
+            aside = self.output_dir.with_name(f"{self.output_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
+            if not self.config.train.overwrite:
+                raise OutputDirInUseError(
+                    f"train.output_dir {str(self.output_dir)!r} already holds a run ({', '.join(found)}); "
+                    "continue it with --resume, choose another train.output_dir, or pass --overwrite "
+                    f"(train.overwrite: true) to move it aside to {str(aside)!r}"
+                )
+            if self.dist.is_main:
+                moved = ckpt.move_run_aside(self.output_dir, aside, [*RUN_FILES, "checkpoints", "final"])
+                print(f"rl-distill: moved the previous run in {self.output_dir} aside to {moved}", flush=True)
+            self.dist.barrier()
+        self.run_id = uuid.uuid4().hex
+        if self.dist.is_main:
+            self._write_run_file()
+        self.dist.barrier()
+
+    def _write_run_file(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "run_id": self.run_id,
+            "config_hash": ckpt.config_hash(self.config.to_dict(), RESUMABLE_CHANGES),
+        }
+        ckpt.atomic_write_text(self.output_dir / "run.json", json.dumps(record, indent=2) + "\n")
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
@@ -350,6 +416,7 @@ class Trainer:
                 "consecutive_skips": self.consecutive_skips,
                 "before": self.before,
             }
+            config = self.config.to_dict()
             ckpt.save_checkpoint(
                 self.checkpoint_root,
                 self.step,
@@ -357,21 +424,70 @@ class Trainer:
                 extra=agent_tensors(self.agent),
                 optimizer=self.optimizer,
                 trainer_state=state,
-                config=self.config.to_dict(),
+                config=config,
                 keep_last=self.config.train.keep_last,
+                run_id=self.run_id,
+                config_hash=ckpt.config_hash(config, RESUMABLE_CHANGES),
             )
         self.dist.barrier()
         return target
 
     def resume_latest(self) -> Path | None:
-        """Load the newest complete checkpoint (after removing leftovers of a killed save), if any."""
+        """Load the newest usable checkpoint, if any (see :func:`rl_distill.checkpoint.find_resumable`).
+
+        A damaged checkpoint is reported (naming the file) and the previous one is used; with no
+        checkpoint at all the run starts fresh, and says so.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is usable.
+            OutputDirInUseError: the checkpoint belongs to another run or another configuration.
+        """
         if self.dist.is_main:
             ckpt.remove_stale_temporaries(self.checkpoint_root)
         self.dist.barrier()
-        path = ckpt.latest_checkpoint(self.checkpoint_root)
-        if path is not None:
-            self.load_checkpoint(path)
+        path, damaged = ckpt.find_resumable(self.checkpoint_root)
+        if self.dist.is_main:
+            for bad, problem in damaged:
+                print(
+                    f"rl-distill: warning: checkpoint {bad} is damaged ({problem}); skipping it", flush=True
+                )
+            if path is None:
+                print(
+                    f"rl-distill: --resume: no checkpoint in {self.checkpoint_root}; starting fresh",
+                    flush=True,
+                )
+        if path is None:
+            return None
+        self._check_same_run(path)
+        self.load_checkpoint(path)
         return path
+
+    def _check_same_run(self, path: Path) -> None:
+        """Refuse a checkpoint of another run or of a configuration that differs in more than the budget."""
+        meta = ckpt.read_meta(path)
+        run_file = self.output_dir / "run.json"
+        owner = json.loads(run_file.read_text(encoding="utf-8")).get("run_id") if run_file.is_file() else None
+        ckpt_run = meta.get("run_id")
+        if owner and ckpt_run and owner != ckpt_run:
+            raise OutputDirInUseError(
+                f"checkpoint {path} belongs to run {ckpt_run}, but {run_file} is run {owner}: the folder mixes "
+                "two runs; move one of them elsewhere"
+            )
+        changed = ckpt.config_differences(ckpt.read_config(path), self.config.to_dict())
+        blocking = {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES}
+        if blocking:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(blocking.items()))
+            raise OutputDirInUseError(
+                f"checkpoint {path} was written with another configuration ({listed}); resume with the "
+                "same settings (only the budget and logging fields may change), or start a new run in "
+                "another train.output_dir"
+            )
+        if self.dist.is_main and changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            print(f"rl-distill: resuming with changed settings: {listed}", flush=True)
+        self.run_id = ckpt_run or owner or uuid.uuid4().hex
+        if self.dist.is_main and owner is None:
+            self._write_run_file()
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG states, data position and counters from ``path``."""

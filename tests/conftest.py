@@ -7,6 +7,18 @@ from rl_distill.rollout import RolloutEngine
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one OpenMP thread avoids hand-off costs that dominate at this size (and a busy machine).
+
+    Use it module-wide with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return char_tokenizer()

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rl_distill.agents import AGENTS, GKDConfig, PPOConfig, REINFORCEAgent, REINFORCEConfig
-from rl_distill.agents.base import select_rows
+from rl_distill.agents import AGENTS, GKDAgent, GKDConfig, PPOConfig, REINFORCEAgent, REINFORCEConfig
+from rl_distill.agents.base import AgentConfig, select_rows
 from rl_distill.config import ConfigError, build_dataclass
 from rl_distill.evaluation import heldout_divergence
 from rl_distill.models import char_tokenizer, tiny_llama
@@ -15,41 +15,57 @@ from rl_distill.rewards import CheckedReward, RewardError
 from rl_distill.rollout import RolloutEngine, SamplingConfig
 from rl_distill.tasks import Example
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_names_and_configs():
     assert {"gkd", "reinforce", "ppo"} <= set(AGENTS)
+    shared = {f.name for f in dataclasses.fields(AgentConfig)}
+    assert shared == {"alpha", "reward", "temperature", "top_k", "top_p", "max_new_tokens"}
     for name, (cls, config_cls) in AGENTS.items():
-        assert cls.name == name
+        assert cls.name == name and cls.config_cls is config_cls
+        assert issubclass(config_cls, AgentConfig), name
         config = config_cls()  # defaults are valid
-        for field in ("alpha", "reward", "temperature", "max_new_tokens"):
-            assert hasattr(config, field), (name, field)
         assert config.alpha == 1.0 and config.reward is None
+        assert config.sampling == SamplingConfig(32, 1.0, 0, 1.0)
+        # The shared checks run in every agent's config (super().__post_init__()).
+        with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+            config_cls(alpha=1.5)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            config_cls(temperature=0.0)
+    assert GKDConfig(beta=0.9).eval_beta == 0.9 and REINFORCEConfig().eval_beta == 0.5
 
 
-@pytest.mark.parametrize("config_cls", [GKDConfig, REINFORCEConfig, PPOConfig])
+def test_an_agent_refuses_a_config_not_derived_from_the_base(engine):
+    @dataclasses.dataclass
+    class Loose:
+        alpha: float = 1.0
+
+    with pytest.raises(TypeError, match="needs a config derived from AgentConfig, got Loose"):
+        GKDAgent(engine, torch.optim.SGD(engine.student.parameters(), lr=0.1), Loose())
+
+
+@pytest.mark.parametrize("config_cls", [AgentConfig, GKDConfig, REINFORCEConfig, PPOConfig])
 def test_every_config_field_has_a_docstring(config_cls):
     import ast
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(config_cls)))
-    body = tree.body[0].body
-    documented = {
-        node.target.id
-        for node, nxt in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign)
-        and isinstance(nxt, ast.Expr)
-        and isinstance(nxt.value, ast.Constant)
-    }
-    assert documented == {f.name for f in dataclasses.fields(config_cls)}
+    own, inherited = set(), set()
+    for cls in config_cls.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        documented = {
+            node.target.id
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        }
+        (own if cls is config_cls else inherited).update(documented)
+    assert own | inherited == {f.name for f in dataclasses.fields(config_cls)}
+    assert not own & {f.name for f in dataclasses.fields(AgentConfig)} or config_cls is AgentConfig
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,7 @@ PROMPTS = ["1+2=", "hello there", "x", "abc def ghi"]
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids OpenMP hand-off costs that dominate at this size.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -398,7 +392,8 @@ def test_make_vec_and_a_teacher_loaded_by_path(teacher, tokenizer, tmp_path):
         ({"alpha": 1.5}, ValueError, r"alpha must be in \[0, 1\], got 1.5"),
         ({"alpha": -0.1}, ValueError, r"alpha must be in \[0, 1\], got -0.1"),
         ({"alpha": 0.0}, ValueError, "alpha=0 keeps only the external reward, but no reward was given"),
-        ({"reward": "exact_match"}, TypeError, "reward must be a callable"),
+        ({"reward": 3}, TypeError, "reward must be a callable"),
+        ({"reward": "no_such_reward"}, ValueError, "unknown reward 'no_such_reward'"),
         ({"max_prompt_length": 3}, PromptTooLongError, "exceeds max_prompt_length=3"),
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
     ],

@@ -5,12 +5,11 @@ import pytest
 from rl_distill.evaluation import (
     evaluation_rows,
     heldout_divergence,
-    metadata_lists,
     metric_name,
     summarize_rows,
     write_samples,
 )
-from rl_distill.rewards.registry import build_reward
+from rl_distill.rewards.registry import build_reward, reward_keywords, score_examples
 from rl_distill.rollout import SamplingConfig
 from rl_distill.tasks import Example, load_task
 
@@ -46,9 +45,19 @@ def test_greedy_decoding_does_not_depend_on_the_seed(engine, held_out):
     )
 
 
-def test_a_reward_sees_only_metadata_every_example_has():
+def test_a_reward_sees_every_metadata_key_with_none_where_missing():
     examples = [Example("a", metadata={"answer": 1, "x": 1}), Example("b", metadata={"answer": 2})]
-    assert metadata_lists(examples) == {"answer": [1, 2]}
+    assert reward_keywords(examples) == {"answer": [1, 2], "x": [1, None]}
+    seen = {}
+
+    def reward(prompts, completions, **metadata):
+        seen.update(prompts=prompts, completions=completions, **metadata)
+        return [0.5] * len(completions)
+
+    assert score_examples(reward, examples, ["p", "q"]) == [0.5, 0.5]
+    assert seen == {"prompts": ["a", "b"], "completions": ["p", "q"], "answer": [1, 2], "x": [1, None]}
+    with pytest.raises(ValueError, match="metadata key 'name' clashes"):
+        reward_keywords([Example("a", metadata={"name": 1})])
     assert metric_name("fixtures_rewards:length_reward") == "fixtures_rewards_length_reward"
     with pytest.raises(ValueError, match="at least one example"):
         summarize_rows([])

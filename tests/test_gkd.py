@@ -11,13 +11,7 @@ from rl_distill.tasks import Example
 PROMPTS = ["1+2=", "ab", "hello", "x y z"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one OpenMP thread is faster (and does not suffer when the machine is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_agent(engine, lr=1e-3, **cfg):

@@ -15,12 +15,7 @@ from rl_distill.tasks import Example
 PROMPTS = ["1+2=", "ab", "hello", "x y z"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gae_matches_values_computed_by_hand():

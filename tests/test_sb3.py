@@ -17,12 +17,7 @@ PROMPTS = ["1+2=", "hello there", "x", "abc def ghi"]
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unigram_teacher(tokenizer, favoured="0123456789+=;"):

@@ -60,10 +60,10 @@ def test_a_reward_that_raises_leaves_checkpoints_intact(tmp_path, teacher_dir, c
     before = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for _, p in ckpt.list_checkpoints(root)}
     cfg["train"].update({"steps": 4, "eval_every": 3})
     cfg["eval"]["reward"] = "fixtures_rewards:failing_reward"
-    assert _run(tmp_path, cfg, "--resume") == 2
+    assert _run(tmp_path, cfg, "--resume", "--allow-code") == 2
     err = capsys.readouterr().err
     assert "reward 'fixtures_rewards:failing_reward' raised KeyError: 'facts'" in err
-    assert f"latest complete checkpoint: {root / 'step-2'} (continue with --resume)" in err
+    assert f"latest usable checkpoint: {root / 'step-2'} (continue with --resume)" in err
     after = {p.name: {f.name: f.read_bytes() for f in p.iterdir()} for _, p in ckpt.list_checkpoints(root)}
     assert after == before and not [p for p in root.iterdir() if p.name.startswith(".")]
     cfg["eval"]["reward"] = "auto"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.builtin import BUILTIN_MODELS, SMOLLM2_NAME, ensure_smollm2
@@ -16,6 +18,67 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class TokenizerMismatchError(ValueError):
     """Teacher and student do not share a tokenizer, so their token ids mean different things."""
+
+
+class CorruptWeightsError(ValueError):
+    """A weights file is truncated or not a valid checkpoint file (an interrupted download or copy)."""
+
+
+# What a checkpoint folder needs, as (description, file-name patterns): weights and a tokenizer.
+_WEIGHTS = (
+    "weights (model.safetensors or pytorch_model.bin)",
+    ("*.safetensors", "*.bin", "*.index.json", "*.h5", "*.msgpack", "*.gguf"),
+)
+_TOKENIZER = (
+    "tokenizer files (tokenizer.json, tokenizer.model or vocab.*)",
+    ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model", "*.tiktoken"),
+)
+
+
+def _has_any(folder: Path, patterns: tuple[str, ...]) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in patterns)
+
+
+def _check_folder_has(folder: Path, name_or_path: str, part: tuple[str, tuple[str, ...]]) -> None:
+    """Fail naming the folder when it has no file of ``part``, listing everything it lacks.
+
+    Raises:
+        FileNotFoundError: e.g. "model folder 'x' has no tokenizer files (...) and no weights (...)".
+    """
+    if _has_any(folder, part[1]):
+        return
+    missing = [what for what, patterns in (_TOKENIZER, _WEIGHTS) if not _has_any(folder, patterns)]
+    files = sorted(p.name for p in folder.iterdir())
+    holds = f"; it holds only {', '.join(files)}" if len(files) <= 5 else ""
+    raise FileNotFoundError(f"model folder {name_or_path!r} has no {' and no '.join(missing)}{holds}")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Read a ``.safetensors`` header and check that the file holds every byte it declares.
+
+    Raises:
+        CorruptWeightsError: naming the file: truncated, or a header that cannot be parsed.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header_bytes = f.read(header_len) if 8 + header_len <= size else None
+    if size < 8 or header_bytes is None:
+        raise CorruptWeightsError(
+            f"weights file {str(path)!r} is truncated ({size} bytes, the header is cut off)"
+        )
+    try:
+        header = json.loads(header_bytes)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise CorruptWeightsError(
+            f"weights file {str(path)!r} is not a valid safetensors file (bad header)"
+        ) from None
+    if size < 8 + header_len + end:
+        raise CorruptWeightsError(
+            f"weights file {str(path)!r} is truncated: {size} bytes, but its header describes "
+            f"{8 + header_len + end} (an interrupted download or copy?)"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -55,10 +118,14 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer and give it a pad token (the EOS token) if it has none."""
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        _check_folder_has(Path(path), name_or_path, _TOKENIZER)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise FileNotFoundError(f"could not load a tokenizer from {name_or_path!r}: {err}") from err
+    except (OSError, ValueError) as err:  # Transformers' messages span lines; keep one
+        raise FileNotFoundError(
+            f"could not load a tokenizer from {name_or_path!r}: {_one_line(err)}"
+        ) from err
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
@@ -86,16 +153,32 @@ def load_causal_lm(
         **kwargs: passed to ``from_pretrained``.
 
     Raises:
-        FileNotFoundError: missing path or a folder that is not a checkpoint.
+        FileNotFoundError: missing path or a folder that is not a checkpoint (no weights).
+        CorruptWeightsError: a truncated or unreadable weights file, named.
     """
     path = resolve_model_path(name_or_path)
+    folder = Path(path)
+    if folder.is_dir() and "gguf_file" not in kwargs:
+        _check_folder_has(folder, name_or_path, _WEIGHTS)
+        for file in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(file)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
         )
     except OSError as err:
-        raise FileNotFoundError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+        raise FileNotFoundError(
+            f"could not load a causal LM from {name_or_path!r}: {_one_line(err)}"
+        ) from err
+    except SafetensorError as err:
+        raise CorruptWeightsError(
+            f"could not read the weights of {name_or_path!r}: {_one_line(err)}"
+        ) from err
     return model.to(device)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 @dataclass(frozen=True)

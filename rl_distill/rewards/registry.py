@@ -15,8 +15,8 @@ Accepted specs::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from rl_distill.rewards.base import CheckedReward, checked, load_reward_from_path
 from rl_distill.rewards.compose import RunningNormalizedReward, WeightedSum
@@ -29,6 +29,76 @@ BUILTIN_REWARDS: dict[str, Callable[..., Any]] = {
     "nli": NLIEntailmentReward,
     "factual_consistency": FactualConsistencyReward,
 }
+
+
+#: What an agent or environment accepts as ``reward=``: a callable, a name, ``module:function``, a spec dict.
+RewardSpec = Callable[..., Any] | str | Mapping[str, Any] | None
+
+#: Keyword names of :func:`rl_distill.rewards.call_reward` that example metadata must not use.
+RESERVED_KEYWORDS = ("reward", "name", "prompts", "completions")
+
+
+class _ExampleLike(Protocol):
+    prompt: str
+    metadata: Mapping[str, Any]
+
+
+def resolve_reward(reward: RewardSpec) -> CheckedReward | None:
+    """A checked reward from a callable, a name / import path / spec dict (:func:`build_reward`), or None.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: an unknown name or a malformed spec.
+    """
+    if reward is None:
+        return None
+    if isinstance(reward, str | Mapping):
+        return build_reward(reward)
+    if callable(reward):
+        return checked(reward)
+    raise TypeError(
+        f"reward must be a callable (prompts, completions, **metadata) -> list[float], a reward name, "
+        f"'module:function' or a spec dict; got {type(reward).__name__}"
+    )
+
+
+def reward_keywords(examples: Sequence[_ExampleLike]) -> dict[str, list[Any]]:
+    """The metadata keyword lists a reward is called with, aligned with ``examples``.
+
+    Every metadata key that any example of the batch has becomes one list, with None where an
+    example lacks it. This is the only place that builds them: training, evaluation and the
+    environments call a reward identically.
+
+    Raises:
+        ValueError: a metadata key that clashes with an argument of ``call_reward``.
+    """
+    keys = sorted({key for ex in examples for key in ex.metadata})
+    clash = [key for key in keys if key in RESERVED_KEYWORDS]
+    if clash:
+        raise ValueError(
+            f"example metadata key {clash[0]!r} clashes with an argument of the reward call "
+            f"({', '.join(RESERVED_KEYWORDS)}); rename it in the data"
+        )
+    return {key: [ex.metadata.get(key) for ex in examples] for key in keys}
+
+
+def score_examples(
+    reward: Callable[..., Any], examples: Sequence[_ExampleLike], completions: Sequence[str]
+) -> list[float]:
+    """``reward(prompts, completions, **metadata)`` for a batch of examples, checked.
+
+    Args:
+        reward: a reward callable (wrapped with :func:`checked` unless it already is).
+        examples: objects with ``prompt`` and ``metadata`` (:class:`rl_distill.tasks.Example`).
+        completions: one decoded completion per example.
+
+    Returns:
+        One finite float per completion.
+
+    Raises:
+        RewardError: the reward failed or returned a bad value (the message names it).
+    """
+    return checked(reward)([ex.prompt for ex in examples], list(completions), **reward_keywords(examples))
 
 
 def available_rewards() -> list[str]:

@@ -18,17 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
-from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError
-
-if TYPE_CHECKING:
-    from rl_distill.rollout.incremental import IncrementalScorer
+from rl_distill.rollout.incremental import IncrementalScorer
+from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
 
 TeacherOutput = Literal["none", "full", "topk"]
 
@@ -112,11 +110,6 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding: 0 at each sequence's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def completion_forward(
@@ -474,8 +467,6 @@ class RolloutEngine:
         What environments use to give ``log pT(a_t | s_t)`` at each step without recomputing the
         prefix; see :mod:`rl_distill.rollout.incremental`.
         """
-        from rl_distill.rollout.incremental import IncrementalScorer  # incremental imports this module
-
         return IncrementalScorer(
             self.teacher if model is None else model, self.vocab_size, pad_id=self.pad_id
         )

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rl_distill.rollout.engine import position_ids_from_mask
-from rl_distill.rollout.prompts import PromptBatch
+from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,23 @@ def register_task(name: str) -> Callable[[TaskFactory], TaskFactory]:
 def available_tasks() -> list[str]:
     """Names accepted by :func:`load_task`."""
     return sorted(_TASKS)
+
+
+#: Arguments every factory takes from ``data.seed``/``data.num_train``/``data.num_eval``, not from options.
+SPLIT_ARGUMENTS = ("seed", "num_train", "num_eval")
+
+
+def task_options(name: str) -> list[str] | None:
+    """The options task ``name`` accepts: its factory's keyword arguments other than the split's.
+
+    Returns:
+        The sorted option names, or None when the factory takes ``**options`` (anything goes).
+    """
+    params = inspect.signature(_TASKS[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(p.name for p in params if p.kind in keyword and p.name not in SPLIT_ARGUMENTS)
 
 
 def load_task(

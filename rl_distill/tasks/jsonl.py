@@ -56,19 +56,29 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
         FileNotFoundError: no such file.
         ValueError: bad lines (each listed as ``file:line: problem``), or no examples at all.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"jsonl task: no such file {str(path)!r}")
     examples: list[Example] = []
     errors: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported like any bad line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not content
+            except UnicodeDecodeError as exc:
+                byte = f"0x{raw[exc.start]:02x}"
+                errors.append(
+                    f"{path.name}:{lineno}: not UTF-8 text (byte {byte} at position {exc.start + 1})"
+                )
+                continue
             if not line.strip():
                 continue  # blank lines (a trailing newline, spacing) are not records
             try:
                 examples.append(_parse_line(line))
             except ValueError as exc:
                 errors.append(f"{path.name}:{lineno}: {exc}")
+    if len(errors) == 1:
+        raise ValueError(f"bad line in {str(path)!r}: {errors[0]}")
     if errors:
         shown = "\n  ".join(errors[:_MAX_REPORTED])
         more = f"\n  ... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""

@@ -1,0 +1,529 @@
+"""The published numbers cannot drift from the raw JSON they come from.
+
+For each results page under ``docs/results/`` with a committed raw JSON, and for the README's
+"## Results" table: the numbers are parsed out of the markdown and compared with values computed
+here, independently of the scripts that wrote them, from the JSON files (``docs/results/*.json``
+and ``benchmarks/results/*.json``). Each experiment page must also come out byte-identical when its
+script rebuilds it with ``--report-only``, and ``performance.md``'s generated blocks must equal
+``benchmarks/report.py``'s rendering. Nothing here trains or measures anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_distill.compare import mean_std
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "results"
+BENCH = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODE_SEEKING = ("rkl", "jsd0.5", "jsd0.9")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def doc(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def raw(name: str) -> dict:
+    return json.loads((DOCS / name).read_text(encoding="utf-8"))
+
+
+def bench(name: str) -> dict:
+    return json.loads((BENCH / name).read_text(encoding="utf-8"))
+
+
+def readme_results() -> str:
+    """The README's "## Results" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Results\n")
+    end = text.find("\n## ", start + 5)
+    return text[start : end if end > 0 else None]
+
+
+def table_rows(md: str, header_start: str) -> dict[str, list[str]]:
+    """The markdown table whose header line starts with ``header_start``: first cell -> other cells."""
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = {}
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def stats(values) -> tuple[float, float]:
+    return mean_std(list(values))
+
+
+def grab(pattern: str, text: str) -> tuple[str, ...]:
+    """The groups of the first match of ``pattern`` in ``text`` (fails when there is none)."""
+    m = re.search(pattern, text, re.S)
+    assert m is not None, f"{pattern!r} not found"
+    return m.groups()
+
+
+def span(values, digits: int = 3) -> str:
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def load_example(name: str):
+    path = ROOT / "examples" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"_pages_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def by_method(runs, key="method"):
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+# --- values computed from the JSON --------------------------------------------------------------
+def e1_facts(name: str = "e1_on_vs_off_policy.json") -> dict:
+    data = raw(name)
+    length = int(data["settings"]["main_length"])
+    main = [r for r in data["runs"] if r["length"] == length]
+    before = main[0]["before"]
+    groups = by_method(main)
+    acc = {m: stats(r["after"]["eval/greedy/exact_match"] for r in rs) for m, rs in groups.items()}
+    rkl = {m: stats(r["after"]["eval/reverse_kl"] for r in rs)[0] for m, rs in groups.items()}
+    start = before["eval/greedy/exact_match"]
+    outside = {m: (mu - start) / sd for m, (mu, sd) in acc.items() if abs(mu - start) > sd}
+    off = [rkl[m] for m in ("sft", "supervised_kd", "seqkd") if m in rkl]
+    seeking = [v for m, v in rkl.items() if m.startswith("gkd_") and m.rsplit("_", 1)[1] in MODE_SEEKING]
+    return {
+        "data": data,
+        "main": main,
+        "groups": groups,
+        "before": before,
+        "acc": acc,
+        "rkl": rkl,
+        "outside": outside,
+        "within": len(acc) - len(outside),
+        "n": len(acc),
+        "off": off,
+        "seeking": seeking,
+        "fkl_arms": [rkl[m] for m in ("gkd_l0.5_fkl", "gkd_l1_fkl") if m in rkl],
+        "minutes": sum(r["wall_seconds"] for r in data["runs"]) / 60,
+    }
+
+
+def throughput(data: dict, peer: str = "trl_gkd") -> float:
+    s = data["summary"]
+    return s["ours"]["tokens_per_second"] / s[peer]["tokens_per_second"]
+
+
+HISTORY = ("vs_trl.json", "vs_trl_fused_adamw.json", "onpolicy_overhead.json", "vs_trl_final.json")
+
+
+def perf_facts() -> dict:
+    runs = [bench(n) for n in HISTORY]
+    ratios = [throughput(d) for d in runs]
+    rss = [
+        d["summary"]["ours"]["peak_rss_steps_mib"] / d["summary"]["trl_gkd"]["peak_rss_steps_mib"]
+        for d in runs
+    ]
+    final = bench("vs_trl_final.json")["summary"]
+    mem = bench("divergence_memory.json")["summary"]
+    over = bench("onpolicy_overhead.json")
+    return {
+        "ratios": ratios,
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rss": rss,
+        "after": ratios[2:],  # the two runs on the code after the sampler/optimizer changes
+        "ours": final["ours"]["median_step_seconds"],
+        "gkd": final["trl_gkd"]["median_step_seconds"],
+        "dist": final["trl_distillation"]["median_step_seconds"],
+        "mem_current": mem["chunked:10"]["profiler"]["peak_extra_over_tensor"],
+        "mem_current_rss": mem["chunked:10"]["rss"]["peak_extra_over_tensor"],
+        "mem_old": mem["chunked"]["profiler"]["peak_extra_over_tensor"],
+        "naive": mem["naive_logaddexp"]["profiler"]["peak_extra_over_tensor"],
+        "onpolicy": over["summary"]["ours"]["median_step_seconds"]
+        / over["summary"]["ours_lambda0"]["median_step_seconds"],
+    }
+
+
+# --- every experiment page is what its script makes of its JSON ---------------------------------
+PAGES = [
+    ("e1_on_vs_off_policy", "e1_on_vs_off_policy", []),
+    ("e1_on_vs_off_policy", "e1_long_budget", ["--name", "e1_long_budget"]),
+    ("e2_factuality", "e2_factuality", []),
+    ("e2_factuality", "e2_factuality_lr1e-4", ["--name", "e2_factuality_lr1e-4"]),
+    ("e3_estimators", "e3_estimators", []),
+    ("e4_smollm2", "e4_smollm2", []),
+]
+
+
+@pytest.mark.parametrize(("script", "name", "extra"), PAGES, ids=[p[1] for p in PAGES])
+def test_page_is_rebuilt_identically_from_its_json(tmp_path, script, name, extra):
+    shutil.copy(DOCS / f"{name}.json", tmp_path / f"{name}.json")
+    before = (tmp_path / f"{name}.json").read_bytes()
+    load_example(script).main(["--report-only", "--results", str(tmp_path), *extra])
+    assert (tmp_path / f"{name}.md").read_text(encoding="utf-8") == doc(f"{name}.md")
+    assert (tmp_path / f"{name}.json").read_bytes() == before  # --report-only never rewrites the data
+
+
+@pytest.mark.parametrize("name", [p[1] for p in PAGES])
+def test_page_header_time_comes_from_the_recorded_runs(name):
+    md, data = doc(f"{name}.md"), raw(f"{name}.json")
+    assert "Wall time of this invocation: 0.0 min" not in md
+    (minutes,) = grab(r"regenerated from cached runs; original run time ([\d.]+) min", md)
+    assert minutes == f"{sum(r['wall_seconds'] for r in data['runs']) / 60:.1f}"
+    assert f"Command: `{data['command']}`" in md and f"Machine: {data['machine']}" in md
+
+
+def test_write_report_says_when_nothing_trained(tmp_path):
+    import argparse
+    import time
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import _experiment as exp
+
+    args = argparse.Namespace(results=tmp_path, seeds=[0])
+    runs = [{"key": "a", "wall_seconds": 90.0}, {"key": "b", "wall_seconds": 30.0}]
+    exp.write_report("x", args, title="T", body="b", data={"runs": runs}, start=time.perf_counter())
+    md = (tmp_path / "x.md").read_text()
+    assert "regenerated from cached runs; original run time 2.0 min" in md  # inferred: no run fits in 0 s
+    exp.write_report(
+        "y", args, title="T", body="b", data={"runs": runs}, start=time.perf_counter() - 60, trained=1
+    )
+    md = (tmp_path / "y.md").read_text()
+    assert "Wall time of this invocation: 1.0 min; 1 of 2 runs trained in it" in md and "2.0 min" in md
+    assert json.loads((tmp_path / "y.json").read_text())["invocation"]["runs_trained"] == 1
+
+
+# --- E1 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["e1_on_vs_off_policy", "e1_long_budget"])
+def test_e1_tables_match_the_runs(name):
+    f = e1_facts(f"{name}.json")
+    rows = table_rows(doc(f"{name}.md"), "| method | accuracy |")
+    b = f["before"]
+    assert rows["student before (SFT start)"][:3] == [
+        f"{b['eval/greedy/exact_match']:.3f}",
+        f"{b['eval/forward_kl']:.3f}",
+        f"{b['eval/reverse_kl']:.3f}",
+    ]
+    for method, runs in f["groups"].items():
+        cells = rows[method]
+        for cell, key in zip(cells, ("eval/greedy/exact_match", "eval/forward_kl", "eval/reverse_kl")):
+            assert cell == pm(*stats(r["after"][key] for r in runs)), (method, key)
+        assert cells[3] == str(len(runs))
+    gains = table_rows(doc(f"{name}.md"), "| operations |")
+    for n, entry in f["data"]["length"].items():
+        assert gains[n][3] == pm(*stats(entry["gains"]))
+
+
+def test_e1_findings_state_what_the_json_says():
+    f = e1_facts()
+    md = doc("e1_on_vs_off_policy.md")
+    within, n = grab(r"(\d+) of (\d+) end within one std over seeds", md)
+    assert (int(within), int(n)) == (f["within"], f["n"]) == (12, 13)
+    method, z = grab(r"outside it: `([^`]+)` \([^)]*, ([\d.]+) std below", md)
+    assert method in f["outside"] and z == f"{abs(f['outside'][method]):.1f}"
+    assert f"off-policy methods {span(f['off'])};" in md
+    assert f"at lambda 0.5 and 1: {span(f['seeking'])})" in md
+    # the quoted reverse-KL range covers every mode-seeking arm, JSD(0.5) at lambda 1 included
+    assert (
+        max(f["seeking"]) == pytest.approx(f["rkl"]["gkd_l1_jsd0.5"])
+        and f"{max(f['seeking']):.3f}" == "0.176"
+    )
+    assert min(f["fkl_arms"]) > max(f["off"])  # on-policy forward KL ends above every off-policy method
+    assert "`gkd_l0.5_fkl`, `gkd_l1_fkl` end above every off-policy method" in md
+
+
+# --- E2, E3, E4 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["e2_factuality", "e2_factuality_lr1e-4"])
+def test_e2_tables_match_the_runs(name):
+    data, md = raw(f"{name}.json"), doc(f"{name}.md")
+    for decoding, header in (("sampled", "## Sampled"), ("greedy", "## Greedy")):
+        rows = table_rows(md[md.index(header) :], "| model | hallucination rate |")
+        for point, metrics in data["reference_points"].items():
+            assert rows[point][0] == f"{metrics[f'{decoding}/hallucination_rate']:.3f}"
+        for alpha, runs in by_method(data["runs"], "alpha").items():
+            cells = rows[f"student, alpha = {alpha}"]
+            assert cells[0] == pm(*stats(r["extra"][f"{decoding}/hallucination_rate"] for r in runs))
+            assert cells[2] == pm(*stats(r["extra"][f"{decoding}/rouge2"] for r in runs))
+
+
+def test_e3_tables_match_the_runs():
+    data, md = raw("e3_estimators.json"), doc("e3_estimators.md")
+    rows = table_rows(md, "| method | reverse KL |")
+    for method, runs in by_method(data["runs"]).items():
+        assert rows[method][0] == pm(*stats(r["after"]["eval/reverse_kl"] for r in runs))
+        assert rows[method][4] == pm(*stats(r["after"]["eval/greedy/exact_match"] for r in runs))
+    var = table_rows(md, "| method | relative variance |")
+    for method, v in data["variance"].items():
+        assert var[method][0] == f"{v['relative_variance']:.2f}"
+
+
+def test_e4_tables_match_the_runs():
+    data, md = raw("e4_smollm2.json"), doc("e4_smollm2.md")
+    assert f"| teacher (SmolLM2-135M-Instruct) | {data['teacher']['accuracy']:.3f} |" in md
+    rows = table_rows(md, "| model | JSD(0.5) |")
+    assert rows["student at start"][2] == f"{data['runs'][0]['before']['eval/reverse_kl']:.3f}"
+    for alpha, runs in by_method(data["runs"], "alpha").items():
+        label = "on-policy GKD (alpha=1)" if alpha == 1.0 else f"RL + GKD (alpha={alpha:g})"
+        assert rows[label][2] == pm(*stats(r["after"]["eval/reverse_kl"] for r in runs))
+
+
+# --- experiments.md -----------------------------------------------------------------------------
+def test_experiments_summary_numbers():
+    md = " ".join(doc("experiments.md").split())  # prose wraps anywhere
+    f = e1_facts()
+    rkl0 = f["before"]["eval/reverse_kl"]
+    assert f"{f['within']} of {f['n']} methods end within one std over seeds" in md
+    assert f"the 13th (`gkd_l0.5_rkl`) {abs(f['outside']['gkd_l0.5_rkl']):.1f} std *below*" in md
+    assert f"JSD(0.9): {span(f['seeking'])} vs {span(f['off'])} off-policy" in md
+    assert "(" + ", ".join(f"{v:.3f}" for v in f["fkl_arms"]) + ")" in md
+    l05 = [f["rkl"][f"gkd_l0.5_{d}"] for d in MODE_SEEKING]
+    l1 = [f["rkl"][f"gkd_l1_{d}"] for d in MODE_SEEKING]
+    assert f"{span(l05)} at lambda 0.5 and {span(l1)} at lambda 1" in md
+    assert f"Start {rkl0:.3f}; off-policy methods {span(f['off'])}" in md
+    pools = {
+        "off-policy methods (SFT, supervised KD, SeqKD)": lambda m: m in ("sft", "supervised_kd", "seqkd"),
+        "GKD lambda = 0.5": lambda m: m.startswith("gkd_l0.5_"),
+        "on-policy GKD lambda = 1": lambda m: m.startswith("gkd_l1_"),
+    }
+    for label, member in pools.items():
+        runs = [r for r in f["main"] if member(r["method"])]
+        assert f"{label} {pm(*stats(r['after']['eval/greedy/exact_match'] for r in runs))}" in md, label
+    for entry in f["data"]["length"].values():
+        g = stats(entry["gains"])
+        assert f"{g[0]:+.3f} ± {g[1]:.3f}" in md
+    long = e1_facts("e1_long_budget.json")
+    for method in ("supervised_kd", "gkd_l1_fkl"):
+        assert pm(*long["acc"][method]) in md
+    # E2 at lr 1e-4, E3, E4
+    lr = raw("e2_factuality_lr1e-4.json")
+    hall = {
+        a: stats(r["extra"]["sampled/hallucination_rate"] for r in rs)
+        for a, rs in by_method(lr["runs"], "alpha").items()
+    }
+    assert (
+        f"0.344 -> {pm(*hall[0.5])} and {pm(*hall[0.75])}; teacher {lr['reference_points']['teacher']['sampled/hallucination_rate']:.3f}"
+        in md
+    )
+    e3 = raw("e3_estimators.json")
+    gkd = stats(r["after"]["eval/reverse_kl"] for r in e3["runs"] if r["method"] == "gkd_rkl")
+    assert f"0.221 -> {pm(*gkd)}" in md
+    var = e3["variance"]
+    rein = [
+        var[m]["relative_variance"] / var["gkd_rkl"]["relative_variance"]
+        for m in var
+        if m.startswith("reinforce")
+    ]
+    assert f"{min(rein):.1f}-{max(rein):.1f}x" in md
+    greedy = {
+        m: stats(r["after"]["eval/greedy/exact_match"] for r in rs)[0]
+        for m, rs in by_method(e3["runs"]).items()
+    }
+    assert f"0.711 -> {min(v for m, v in greedy.items() if m != 'ppo'):.2f}-{max(greedy.values()):.2f}" in md
+    e4 = raw("e4_smollm2.json")
+    per_step = [r["train_seconds"] / int(e4["settings"]["steps"]) for r in e4["runs"]]
+    assert f"{min(per_step):.1f}-{max(per_step):.1f} s per step" in md
+    for alpha, label in ((1.0, "(alpha = 1)"), (0.5, "(alpha = 0.5)")):
+        rk = stats(r["after"]["eval/reverse_kl"] for r in e4["runs"] if r["alpha"] == alpha)
+        assert f"{rk[0]:.2f} ± {rk[1]:.2f} {label}" in md
+
+
+# --- README "## Results" --------------------------------------------------------------------------
+def test_readme_performance_headline():
+    text = readme_results()
+    row = next(line for line in text.splitlines() if line.startswith("| performance |"))
+    p = perf_facts()
+    median, lo, hi = grab(
+        r"median \*\*([\d.]+)x\*\* over the 4 recorded runs \(min-max ([\d.]+)-([\d.]+)x", row
+    )
+    assert (median, lo, hi) == (f"{p['median']:.2f}", f"{p['min']:.2f}", f"{p['max']:.2f}")
+    after = grab(r"; ([\d.]+)x and ([\d.]+)x on the code after", row)
+    assert list(after) == [f"{r:.2f}" for r in p["after"]]
+    ours, gkd = grab(r"the last run ([\d.]+) vs ([\d.]+) s/step", row)
+    assert (ours, gkd) == (f"{p['ours']:.3f}", f"{p['gkd']:.3f}")
+    assert grab(r"peak RSS ([\d.]+)-([\d.]+)x", row) == (f"{min(p['rss']):.2f}", f"{max(p['rss']):.2f}")
+    assert grab(r"DistillationTrainer ([\d.]+) s/step", row) == (f"{p['dist']:.3f}",)
+    assert grab(
+        r"T=256: ([\d.]+)x one \(B,T,V\) fp32 tensor at the current 2\*\*19 chunk \(naive ([\d.]+)x\)", row
+    ) == (
+        f"{p['mem_current']:.2f}",
+        f"{p['naive']:.2f}",
+    )
+    assert grab(r"step time ([\d.]+)x", row) == (f"{p['onpolicy']:.2f}",)
+    assert "not re-measured on the current code" in row and "best" not in row
+
+
+def test_readme_experiments_headline():
+    row = next(line for line in readme_results().splitlines() if line.startswith("| experiments E1-E4"))
+    f = e1_facts()
+    within, n = grab(r"\*\*E1\*\*.*?(\d+) of (\d+) methods end within one std over seeds", row)
+    assert (int(within), int(n)) == (f["within"], f["n"])
+    assert grab(r"the ([\d.]+) start's greedy accuracy, `gkd_l0.5_rkl` ([\d.]+) std below", row) == (
+        f"{f['before']['eval/greedy/exact_match']:.3f}",
+        f"{abs(f['outside']['gkd_l0.5_rkl']):.1f}",
+    )
+    assert grab(
+        r"([\d.]+) -> ([\d.-]+) for reverse KL, JSD\(0.5\), JSD\(0.9\) at lambda 0.5 and 1 vs ([\d.-]+) off-policy",
+        row,
+    ) == (
+        f"{f['before']['eval/reverse_kl']:.3f}",
+        span(f["seeking"]),
+        span(f["off"]),
+    )
+    assert grab(r"forward KL ends higher, ([\d.-]+)", row) == (span(f["fkl_arms"]),)
+    assert "on-policy GKD lowers the reverse KL" not in row and "for every method" not in row
+    # E2 (lr 1e-4 and 5e-4)
+    lr = raw("e2_factuality_lr1e-4.json")
+    by_alpha = by_method(lr["runs"], "alpha")
+    hall = [stats(r["extra"]["sampled/hallucination_rate"] for r in by_alpha[a])[0] for a in (0.5, 0.75)]
+    rouge = [stats(r["extra"]["sampled/rouge2"] for r in by_alpha[a])[0] for a in (0.5, 0.75)]
+    ref = lr["reference_points"]
+    assert grab(
+        r"hallucination rate ([\d.]+) -> ([\d.-]+) while ROUGE-2 rises ([\d.]+) -> ([\d.-]+);", row
+    ) == (
+        f"{ref['student before']['sampled/hallucination_rate']:.3f}",
+        span(hall),
+        f"{ref['student before']['sampled/rouge2']:.3f}",
+        span(rouge),
+    )
+    pure = stats(r["extra"]["sampled/hallucination_rate"] for r in by_alpha[1.0])[0]
+    assert grab(r"pure GKD ([\d.]+), teacher ([\d.]+)", row) == (
+        f"{pure:.3f}",
+        f"{ref['teacher']['sampled/hallucination_rate']:.3f}",
+    )
+    hacked = raw("e2_factuality.json")
+    r2 = [
+        stats(r["extra"]["sampled/rouge2"] for r in rs)[0]
+        for a, rs in by_method(hacked["runs"], "alpha").items()
+        if a < 1
+    ]
+    assert grab(r"hacked \(ROUGE-2 ([\d.-]+)\)", row) == (span(r2, 2),)
+    teach = f["data"]["teacher_report"]["teacher"]["metrics"]["accuracy"]
+    assert f"arithmetic {teach:.1%}" in row
+    assert f"{ref['teacher']['sampled/hallucination_rate']:.0%} sampled hallucination rate" in row
+    # E3
+    var = raw("e3_estimators.json")["variance"]
+    rein = [var[m]["relative_variance"] for m in var if m.startswith("reinforce")]
+    assert grab(
+        r"([\d.]+)-([\d.]+)x lower relative variance than REINFORCE \(([\d.]+) vs ([\d.-]+); PPO ([\d.]+)\)",
+        row,
+    ) == (
+        f"{min(rein) / var['gkd_rkl']['relative_variance']:.1f}",
+        f"{max(rein) / var['gkd_rkl']['relative_variance']:.1f}",
+        f"{var['gkd_rkl']['relative_variance']:.2f}",
+        span(rein, 1),
+        f"{var['ppo']['relative_variance']:.1f}",
+    )
+    e3 = raw("e3_estimators.json")
+    gkd = stats(r["after"]["eval/reverse_kl"] for r in e3["runs"] if r["method"] == "gkd_rkl")
+    assert grab(r"beyond its seed spread \(([\d.]+) -> ([\d.]+)\)", row) == (
+        f"{e3['runs'][0]['before']['eval/reverse_kl']:.3f}",
+        f"{gkd[0]:.3f}",
+    )
+    # "beyond its seed spread": every other method ends less than one of its std below the start
+    start = e3["runs"][0]["before"]["eval/reverse_kl"]
+    for method, runs in by_method(e3["runs"]).items():
+        mu, sd = stats(r["after"]["eval/reverse_kl"] for r in runs)
+        assert (start - mu > sd) == (method == "gkd_rkl"), method
+    # E4
+    e4 = raw("e4_smollm2.json")
+    rk = [
+        stats(r["after"]["eval/reverse_kl"] for r in rs)[0] for rs in by_method(e4["runs"], "alpha").values()
+    ]
+    assert grab(r"reverse KL ([\d.]+) -> ([\d.-]+), greedy accuracy stays 0 \(teacher ([\d.]+)\)", row) == (
+        f"{e4['runs'][0]['before']['eval/reverse_kl']:.2f}",
+        span(rk, 1),
+        f"{e4['teacher']['accuracy']:.3f}",
+    )
+    assert all(r["after"]["eval/greedy/exact_match"] == 0 for r in e4["runs"])
+
+
+def test_readme_rows_without_json_are_marked_and_match_their_pages():
+    text = readme_results()
+    main = next(line for line in text.splitlines() if line.startswith("| main job |"))
+    env = next(line for line in text.splitlines() if line.startswith("| environment overhead |"))
+    assert "no raw JSON committed" in main and "raw JSON was not committed" in env
+    before, after, seconds = grab(r"JSD\(0.5\) ([\d.]+) -> ([\d.]+) in 100 steps, (\d+) s", main)
+    foundation = doc("foundation.md")
+    assert f"| JSD(0.5) | {before} | {after} |" in foundation and f"whole job {seconds}." in foundation
+    assert "No raw JSON was committed" in foundation
+    b8, b32 = grab(r"([\d.]+)x at B = 8, ([\d.]+)x at B = 32", env)
+    overhead = doc("env_overhead.md")
+    assert f"**{b8}x**" in overhead and f"**{b32}x**" in overhead and "were not committed" in overhead
+
+
+# --- performance.md -----------------------------------------------------------------------------
+def test_performance_blocks_are_generated_from_the_json():
+    from benchmarks import report
+
+    page = doc("performance.md")
+    assert report.render(page) == page, "run `python -m benchmarks.report`"
+    for name in report.BLOCKS:
+        assert report.block_pattern(name).search(page), name
+
+
+def test_performance_headline_is_the_median_over_the_recorded_runs():
+    page = doc("performance.md")
+    p = perf_facts()
+    summary = page[page.index("## Summary") : page.index("## 1.")]
+    median, lo, hi = grab(
+        r"median \*\*([\d.]+)x\*\* generated tokens/s over the 4 recorded runs \(min-max ([\d.]+)-([\d.]+)x\)",
+        summary,
+    )
+    assert (median, lo, hi) == (f"{p['median']:.2f}", f"{p['min']:.2f}", f"{p['max']:.2f}")
+    listed = grab(r"GKDTrainer's was ([\d.]+)x, ([\d.]+)x, ([\d.]+)x, ([\d.]+)x", summary)
+    assert list(listed) == [f"{r:.2f}" for r in p["ratios"]]
+    current, current_rss, old = grab(
+        r"`chunked:10` variant\): \*\*([\d.]+)x\*\* \(allocator\) / \*\*([\d.]+)x\*\* \(RSS\); the old 2\*\*22 default: ([\d.]+)x",
+        summary,
+    )
+    assert (current, current_rss, old) == (
+        f"{p['mem_current']:.2f}",
+        f"{p['mem_current_rss']:.2f}",
+        f"{p['mem_old']:.2f}",
+    )
+    # every row measured with the old chunk says so
+    rows = [
+        line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| target")
+    ]
+    assert len(rows) == 4
+    for line in rows:
+        assert "not re-measured on the current code" in line, line
+    history = table_rows(page, "| run | code |")
+    for name, ratio in zip(HISTORY, p["ratios"]):
+        assert history[f"`{name}`"][5].startswith(f"{ratio:.2f}x")
+    memory = table_rows(page, "| variant | allocator |")
+    shipped = next(k for k in memory if k.startswith("`chunked`:"))
+    assert "**old** default chunk (2**22" in shipped
+    assert "**current** default" in next(k for k in memory if "chunked:10" in k)
+
+
+def test_performance_chunk_default_matches_the_library():
+    import rl_distill.divergences as div
+
+    assert div.DEFAULT_CHUNK_ELEMENTS == 2**19  # the page's "current default"; re-measure when it changes
+    v = bench("divergence_memory.json")["shape"]["V"]
+    assert div.DEFAULT_CHUNK_ELEMENTS // v == 10  # the `chunked:10` variant is the current default's chunk
