@@ -7,6 +7,7 @@ for the contract on the agents' own parameters (value heads) and the optimizer.
 
 from rl_distill.agents.base import Agent
 from rl_distill.agents.gkd import SPECIAL_CASES, GKDAgent, GKDConfig
+from rl_distill.agents.minillm import MiniLLMAgent, MiniLLMConfig
 from rl_distill.agents.ppo import PPOAgent, PPOConfig
 from rl_distill.agents.reinforce import REINFORCEAgent, REINFORCEConfig
 
@@ -15,6 +16,7 @@ AGENTS: dict[str, tuple[type[Agent], type]] = {
     "gkd": (GKDAgent, GKDConfig),
     "reinforce": (REINFORCEAgent, REINFORCEConfig),
     "ppo": (PPOAgent, PPOConfig),
+    "minillm": (MiniLLMAgent, MiniLLMConfig),
 }
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "Agent",
     "GKDAgent",
     "GKDConfig",
+    "MiniLLMAgent",
+    "MiniLLMConfig",
     "PPOAgent",
     "PPOConfig",
     "REINFORCEAgent",

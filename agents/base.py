@@ -25,6 +25,32 @@ agents share (``alpha``, ``reward``, the sampling settings) with their range che
 ``sampling`` property; the trainer, evaluation, ``env-check`` and the build step read these typed
 attributes.
 
+Schedules (``self.alpha_now``): config fields listed in ``AgentConfig.scheduled_fields`` (``alpha``
+for every agent; GKD adds ``lmbda``) accept a number or a schedule over training progress
+(``{schedule: [[p, v], ...]}``, ``{preset: industrial}``; :mod:`rl_distill.schedules`), parsed once
+when the config is built (``config.schedules[name]``). The config field keeps the spec as written,
+so **an agent must not read** ``self.config.alpha`` **as a number**: it reads ``self.alpha_now``
+(and ``self.scheduled_values[name]`` for its own scheduled fields), the value for the current
+update. The trainer calls :meth:`Agent.set_progress` ``(step, total_steps)`` before every
+``update`` (``step`` = updates done so far, so a resumed run continues the schedules exactly);
+without a trainer the values are those at progress 0. Load-time checks that depend on a scheduled
+value use its range over training, :meth:`AgentConfig.value_range` (``alpha < 1`` somewhere needs
+a reward).
+
+Flawed-prefix rejection: :meth:`Agent.reject_flawed` applies ``self.sample_filter`` (a
+:class:`~rl_distill.filters.SampleFilter`, None = off; GKD builds it from ``agent.reject`` with
+:func:`sample_filter_from_spec`) to freshly sampled rows, before the teacher scores them, with
+optional resampling of the rejected rows.
+
+Per-example measurements for the curriculum: after ``update``, ``self.example_scores`` may hold one
+float per example of the batch (NaN where nothing was measured, e.g. a rejected sample), which the
+trainer feeds to a curriculum sampler's measured difficulty; None (the default) when the agent
+measures nothing. GKD stores each example's Eq. 2 divergence. Metrics stay floats-only.
+
+Skipped updates: ``train/skipped`` is 1.0 when the optimizer did not step this update, for either
+reason: a non-finite loss or gradient (counted in ``skipped_steps``, which ``train.max_consecutive_skips``
+guards), or nothing left to train on after rejection (counted in ``empty_steps``; not an error).
+
 Rewards: an agent takes ``reward=`` as a callable, or a name/spec that is resolved with
 :func:`rl_distill.rewards.registry.resolve_reward` when the agent is built (the config field
 ``agent.reward``). It is called through :func:`rl_distill.rewards.registry.score_examples`, the one
@@ -36,19 +62,47 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from rl_distill.filters import FilterResult, SampleFilter
 from rl_distill.rewards.registry import RewardSpec, resolve_reward, score_examples
 from rl_distill.rollout import Rollout, RolloutEngine, SamplingConfig
+from rl_distill.rollout.prompts import PromptBatch
+from rl_distill.schedules import Schedule, parse_schedule
 from rl_distill.tasks import Example
 
 Baseline = Literal["none", "batch_mean", "leave_one_out"]
 
-__all__ = ["Agent", "AgentConfig", "RewardSpec", "resolve_reward"]
+__all__ = ["Agent", "AgentConfig", "RewardSpec", "resolve_reward", "sample_filter_from_spec"]
+
+
+def sample_filter_from_spec(spec: Mapping[str, Any] | None, field_name: str) -> SampleFilter | None:
+    """A :class:`~rl_distill.filters.SampleFilter` from a config mapping (None or ``{}``: no filter).
+
+    Args:
+        spec: keyword arguments of ``SampleFilter`` (``max_perplexity``, ``loop_repeats``, ...).
+        field_name: the config field (``"reject"``); every error message starts with it.
+
+    Raises:
+        ValueError: ``"<field_name>.<key>: ..."`` for an unknown key or a value out of range.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{field_name}: expected a mapping of SampleFilter settings, got {spec!r}")
+    known = [f.name for f in fields(SampleFilter)]
+    unknown = sorted(set(spec) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{field_name}: unknown keys {unknown}; it accepts {', '.join(known)}")
+    try:
+        sample_filter = SampleFilter(**spec)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{field_name}.{err}") from None
+    return sample_filter if sample_filter.enabled else None
 
 
 @dataclass
@@ -59,8 +113,9 @@ class AgentConfig:
     ``super().__post_init__()`` first in their own ``__post_init__``.
     """
 
-    alpha: float = 1.0
-    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward."""
+    alpha: float | dict[str, Any] = 1.0
+    """Weight of the distillation term in paper Eq. 5, in [0, 1]; 1 - alpha weights the external reward.
+    A number, or a schedule over training progress (``{schedule: [[p, v], ...]}``, ``{preset: ...}``)."""
     reward: str | dict[str, Any] | None = None
     """External reward of Eq. 5 (used when alpha < 1): a name, ``module:function`` path or spec dict."""
     temperature: float = 1.0
@@ -71,10 +126,35 @@ class AgentConfig:
     """Nucleus filter for sampling (1.0 = off)."""
     max_new_tokens: int = 32
     """Completion budget for sampled sequences."""
+    beta_ext: float | None = None
+    """Reward extrapolation (G-OPD): the return ``log pT(y) + beta_ext * r(y)`` (>= 0, unbounded) instead of
+    Eq. 5's convex form; needs ``alpha = 1``. Eq. 5 with alpha is the same objective up to the positive
+    scale alpha when ``beta_ext = (1 - alpha) / alpha``."""
+    teacher_temperature: float | None = None
+    """Temperature of the teacher's distribution in rewards and divergences (> 0); None: ``temperature``."""
+
+    #: Fields that accept a schedule over training progress, with their allowed value range.
+    scheduled_fields: ClassVar[dict[str, tuple[float, float]]] = {"alpha": (0.0, 1.0)}
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        self.schedules: dict[str, Schedule] = {}
+        for name, (low, high) in self.scheduled_fields.items():
+            spec = getattr(self, name)
+            if isinstance(spec, Schedule):  # built in Python: keep the plain spec in the field
+                spec = spec.to_spec()
+                setattr(self, name, spec)
+            if isinstance(spec, int | float) and not isinstance(spec, bool) and not low <= spec <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {spec}")
+            self.schedules[name] = parse_schedule(spec, name, low=low, high=high)
+        if self.beta_ext is not None:
+            if not self.beta_ext >= 0:
+                raise ValueError(f"beta_ext must be >= 0 (or null), got {self.beta_ext}")
+            if self.value_range("alpha") != (1.0, 1.0):
+                raise ValueError(
+                    f"beta_ext ({self.beta_ext}) replaces Eq. 5's alpha weighting: leave alpha at 1, got {self.alpha}"
+                )
+        if self.teacher_temperature is not None and not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0 (or null), got {self.teacher_temperature}")
         if self.reward is not None and not isinstance(self.reward, str | dict):
             raise ValueError(
                 f"reward must be a name, a 'module:function' path or a spec dict, got {self.reward!r}"
@@ -89,6 +169,26 @@ class AgentConfig:
     def sampling(self) -> SamplingConfig:
         """The sampling settings of the agent's own (on-policy) samples."""
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+    @property
+    def teacher_temp(self) -> float:
+        """The teacher's temperature in rewards and divergences (``teacher_temperature`` or ``temperature``)."""
+        return self.teacher_temperature if self.teacher_temperature is not None else self.temperature
+
+    @property
+    def uses_reward(self) -> bool:
+        """Whether the external reward enters the objective (``alpha < 1`` at some point, or ``beta_ext > 0``)."""
+        return self.value_range("alpha")[0] < 1.0 or bool(self.beta_ext)
+
+    def value_range(self, name: str) -> tuple[float, float]:
+        """``(min, max)`` of a scheduled field over training (the schedules are piecewise linear)."""
+        values = [v for _, v in self.schedules[name].knots]
+        return min(values), max(values)
+
+    def is_constant(self, name: str, value: float | None = None) -> bool:
+        """Whether a scheduled field is the same at every step (and equal to ``value``, when given)."""
+        low, high = self.value_range(name)
+        return low == high and (value is None or low == value)
 
     @property
     def eval_beta(self) -> float:
@@ -135,8 +235,12 @@ class Agent(ABC):
             raise TypeError(
                 f"{type(self).__name__} needs a config derived from AgentConfig, got {type(self.config).__name__}"
             )
-        alpha = self.config.alpha
+        alpha = self.config.value_range("alpha")[0]  # the smallest alpha over training
         reward = reward if reward is not None else self.config.reward
+        if self.config.beta_ext and reward is None:
+            raise ValueError(
+                f"beta_ext > 0 ({self.config.beta_ext}) weights an external reward, but none was given"
+            )
         if alpha < 1.0 and reward is None:
             raise ValueError(
                 f"alpha < 1 ({alpha}) weights an external reward (paper Eq. 5), but none was given"
@@ -149,7 +253,31 @@ class Agent(ABC):
         self.accelerator = accelerator
         self.reward = resolve_reward(reward)
         self.skipped_steps = 0
+        self.empty_steps = 0
+        self.sample_filter: SampleFilter | None = None
+        self.example_scores: list[float] | None = None
         self._modules: dict[str, nn.Module] = {}
+        self.set_progress(0, 1)
+
+    # --- schedules (see the module docstring) ---------------------------------------------
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Set the scheduled values for the next update: ``step`` updates done out of ``total_steps``."""
+        self.scheduled_values: dict[str, float] = {
+            name: schedule.value(step, total_steps) for name, schedule in self.config.schedules.items()
+        }
+
+    @property
+    def alpha_now(self) -> float:
+        """Eq. 5's alpha for the current update (``agent.alpha``, scheduled or constant)."""
+        return self.scheduled_values["alpha"]
+
+    def schedule_metrics(self) -> dict[str, float]:
+        """``train/<field>`` for every field that changes over training (constants are in the hparams)."""
+        return {
+            f"train/{name}": value
+            for name, value in self.scheduled_values.items()
+            if not self.config.is_constant(name)
+        }
 
     @abstractmethod
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
@@ -209,6 +337,67 @@ class Agent(ABC):
             raise ValueError(f"got {len(examples)} examples for {len(rollout)} sequences")
         values = score_examples(self.reward, examples, self.engine.decode(rollout))
         return torch.tensor(values, dtype=torch.float32, device=rollout.completion_ids.device)
+
+    # --- flawed-prefix rejection ------------------------------------------------------------
+    def reject_flawed(
+        self,
+        rollout: Rollout,
+        *,
+        resample: int = 0,
+        sample_filter: SampleFilter | None = None,
+    ) -> tuple[Rollout | None, FilterResult, Tensor]:
+        """Drop degenerate samples (tutorial ch. 7, Pillar 3) before the teacher scores them.
+
+        Rejected rows are sampled again from their prompts up to ``resample`` more times (each try
+        with the agent's generator); a row still rejected after the last try is dropped. The kept
+        rows keep their order.
+
+        Args:
+            rollout: on-policy samples from :meth:`RolloutEngine.generate`, not scored yet.
+            resample: extra tries for rejected rows.
+            sample_filter: the filter; default ``self.sample_filter`` (None: keep everything).
+
+        Returns:
+            ``(kept, first, rows)``: the kept rollout (None when every row is rejected), the
+            :class:`~rl_distill.filters.FilterResult` of the first try (what ``rollout/filter/...``
+            logs), and the ``(K,)`` indices into ``rollout`` of the kept rows.
+        """
+        sample_filter = sample_filter if sample_filter is not None else self.sample_filter
+        if sample_filter is None:
+            keep = torch.ones(len(rollout), dtype=torch.bool, device=rollout.completion_ids.device)
+            result = FilterResult(keep, {}, 0.0, torch.ones(len(rollout)))
+            return rollout, result, keep.nonzero().flatten()
+        first = sample_filter(rollout)
+        replaced: dict[int, Rollout] = {}  # row -> a one-row accepted resample
+        pending = (~first.keep).nonzero().flatten()
+        seconds = rollout.timings.get("generate", 0.0)
+        for _ in range(resample):
+            if pending.numel() == 0:
+                break
+            prompts = PromptBatch(rollout.prompt_ids, rollout.prompt_mask, rollout.texts).select(pending)
+            again = self.engine.generate(prompts, self.config.sampling, generator=self.generator)
+            seconds += again.timings.get("generate", 0.0)
+            result = sample_filter(again)
+            for j in result.rows.tolist():
+                replaced[int(pending[j])] = select_rows(again, again.completion_ids.new_tensor([j]))
+            pending = pending[~result.keep]
+        rows = first.keep.nonzero().flatten()
+        if replaced:
+            rows = rows.new_tensor(sorted([*rows.tolist(), *replaced]))
+        if rows.numel() == 0:
+            return None, first, rows
+        if rows.numel() == len(rollout) and not replaced:
+            return rollout, first, rows
+        if replaced:
+            parts = [
+                replaced[i] if i in replaced else select_rows(rollout, rows[k : k + 1])
+                for k, i in enumerate(rows.tolist())
+            ]
+            kept = concat_rollouts(parts, self.engine.pad_id)
+        else:
+            kept = select_rows(rollout, rows)
+        kept.timings["generate"] = seconds
+        return kept, first, rows
 
     # --- the step -------------------------------------------------------------------------
     def mean_across_processes(self, value: Tensor) -> Tensor:
@@ -390,4 +579,30 @@ def select_rows(rollout: Rollout, rows: Tensor) -> Rollout:
         teacher_topk_logprobs=per_token(rollout.teacher_topk_logprobs),
         teacher_topk_ids=per_token(rollout.teacher_topk_ids),
         texts=[rollout.texts[int(i)] for i in rows] if rollout.texts else [],
+    )
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Stack unscored rollouts row-wise: prompts re-left-padded, completions re-right-padded.
+
+    Keeps the sampling fields (ids, masks, ``logprobs``, ``texts``); teacher scores are not carried
+    (score the result). ``timings["generate"]`` is the sum of the parts'.
+    """
+    width_p = max(r.prompt_ids.shape[1] for r in parts)
+    width_t = max(r.completion_ids.shape[1] for r in parts)
+
+    def left(x: Tensor, fill: float | int) -> Tensor:
+        return torch.nn.functional.pad(x, (width_p - x.shape[1], 0), value=fill)
+
+    def right(x: Tensor, fill: float | int | bool) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width_t - x.shape[1]), value=fill)
+
+    return Rollout(
+        prompt_ids=torch.cat([left(r.prompt_ids, pad_id) for r in parts]),
+        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),
+        completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in parts]),
+        completion_mask=torch.cat([right(r.completion_mask, False) for r in parts]),
+        logprobs=torch.cat([right(r.logprobs, 0.0) for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+        timings={"generate": sum(r.timings.get("generate", 0.0) for r in parts)},
     )

@@ -9,14 +9,30 @@ Each step, for a batch of prompts ``x``:
 2. **Divergence.** The token-level divergence of paper Eq. 2 on those sequences,
    ``D(pT || pS)(y|x) = 1/L_y sum_n D(pT(.|y<n, x) || pS(.|y<n, x))``,
    averaged over the batch's sequences: ``L_GKD`` of paper Sec. 3.1. ``D`` is any divergence from
-   :mod:`rl_distill.divergences`; teacher and student distributions are both taken at
-   ``temperature`` (the same temperature the student samples at, so the loss is about the
-   distribution that generated the data). With ``target="one_hot"`` the teacher distribution is
-   replaced by the one-hot distribution of the sequence's own tokens (forward KL is then the
-   cross-entropy: supervised fine-tuning).
+   :mod:`rl_distill.divergences`; the student's distribution is taken at ``temperature`` (the
+   temperature it samples at, so the loss is about the distribution that generated the data), the
+   teacher's at ``teacher_temperature`` (default: the same). The divergences take one temperature
+   ``T``, so the teacher's logits are passed scaled by ``T / T_teacher``:
+   ``softmax(z * (T / T_teacher) / T) = softmax(z / T_teacher)``. With ``target="one_hot"`` the
+   teacher distribution is replaced by the one-hot distribution of the sequence's own tokens
+   (forward KL is then the cross-entropy: supervised fine-tuning).
+
+   *Token importance* (``token_weighting``, tutorial ch. 7 "TIP"): each completion token gets the
+   detached score ``w_n = (1 - H(pT_n) / log V) * KL(pT_n || pS_n)`` (both distributions at the
+   temperatures above; :mod:`rl_distill.weighting`). ``tip_weight`` uses the scores as weights,
+   ``tip_filter`` the weights ``1[w_n >= tip_threshold]``. Eq. 2 becomes the weighted mean over
+   each sequence, ``D_w(y|x) = sum_n w_n D_n / sum_n w_n`` (with the filter: the mean over the
+   sequence's kept tokens; skipped tokens count neither in the sum nor in the divisor), and
+   ``L_GKD`` the mean of ``D_w`` over the sequences with ``sum_n w_n > 0``. A sequence without a kept
+   token is left out of that mean; a batch without any gives ``L_GKD = 0`` (zero gradient).
+   ``train/divergence`` (and the curriculum's measured difficulty) stays the unweighted Eq. 2.
 3. **Reward (Eq. 5).** With ``alpha < 1`` and an external reward ``r``, the loss is::
 
        loss = alpha * L_GKD  -  (1 - alpha) * mean_i[(r_i - b_i) * sum_t log pS(y_i,t)]
+
+   With ``beta_ext`` set (reward extrapolation, G-OPD; needs ``alpha = 1``) the weights are
+   ``(1, beta_ext)`` instead: ``loss = L_GKD - beta_ext * PG(r)``, the Eq. 5 loss divided by alpha
+   when ``beta_ext = (1 - alpha) / alpha`` (:func:`rl_distill.objective.objective_weights`).
 
    The second term is REINFORCE for ``E_{y~pS}[r(y)]`` on the **on-policy** samples only (mean over
    them): the reward term of Eq. 5 is an expectation under the student, and the fixed off-policy
@@ -39,38 +55,65 @@ Special cases (documented configurations, also in :data:`SPECIAL_CASES`):
 - mixed: ``lmbda=0.5``.
 
 The coin is flipped per example by default (``mixture="example"``); ``mixture="batch"`` flips
-one coin per batch as in Algorithm 1 (and TRL).
+one coin per batch as in Algorithm 1 (and TRL). ``lmbda`` and ``alpha`` may be schedules over
+training progress (``{preset: industrial}``: off-policy warmup, a mixed phase, then on-policy;
+:mod:`rl_distill.schedules`); the agent reads their values for the current update
+(``lmbda_now``, ``alpha_now``), logged as ``train/lmbda`` and ``train/alpha``.
+
+*Flawed-prefix rejection* (``reject``, tutorial ch. 7): on-policy samples failing the
+:class:`~rl_distill.filters.SampleFilter` (student perplexity, n-gram loops) are dropped before
+the teacher scores them, after up to ``reject_resample`` fresh tries; their examples get no loss
+and no reward this step. ``rollout/filter/rejected_fraction`` is the share of the first tries
+rejected, ``rollout/filter/dropped_fraction`` the share finally dropped. When nothing is left in the
+whole step (every process), the step is a no-op: no teacher call, no optimizer step, ``train/loss``
+0, ``train/skipped`` 1 and the agent's ``empty_steps`` counter (``train/empty_steps``) grows; it is
+not an error (``train.max_consecutive_skips`` counts only non-finite steps).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from rl_distill.agents.base import Agent, AgentConfig, group_baseline, token_logprobs
+from rl_distill.agents.base import (
+    Agent,
+    AgentConfig,
+    group_baseline,
+    sample_filter_from_spec,
+    select_rows,
+    token_logprobs,
+)
 from rl_distill.divergences import DIVERGENCES, divergence
+from rl_distill.filters import SampleFilter
+from rl_distill.objective import objective_weights
 from rl_distill.rollout import Rollout
 from rl_distill.tasks import Example
+from rl_distill.weighting import importance_filter, token_importance
+
+TOKEN_WEIGHTINGS = ("none", "tip_weight", "tip_filter")
 
 
 @dataclass
 class GKDConfig(AgentConfig):
     """Hyper-parameters of :class:`GKDAgent` (shared fields: :class:`~rl_distill.agents.base.AgentConfig`).
 
-    ``temperature`` is also the temperature of both distributions in the divergence.
+    ``temperature`` is also the student's temperature in the divergence (the teacher's is
+    ``teacher_temperature``, default the same).
     """
 
     divergence: str = "jsd"
     """Token-level divergence: ``forward_kl``, ``reverse_kl``, ``jsd`` (uses ``beta``) or ``tv``."""
     beta: float = 0.5
     """JSD(beta) mixture weight of the teacher, in [0, 1]; 0 is forward KL, 1 reverse KL."""
-    lmbda: float = 1.0
-    """Fraction of on-policy (student-generated) data, in [0, 1] (the paper's lambda)."""
+    lmbda: float | dict[str, Any] = 1.0
+    """Fraction of on-policy (student-generated) data, in [0, 1] (the paper's lambda); a number or a
+    schedule over training progress (``{schedule: [[p, v], ...]}``, ``{preset: industrial}``)."""
     mixture: Literal["example", "batch"] = "example"
     """Flip the lambda coin per example, or once per batch (paper Algorithm 1)."""
     off_policy: Literal["reference", "teacher"] = "reference"
@@ -79,15 +122,28 @@ class GKDConfig(AgentConfig):
     """Target distribution: the teacher's, or one-hot on the sequence's own tokens (SFT, SeqKD; lmbda=0)."""
     baseline: Literal["leave_one_out", "batch_mean", "none"] = "leave_one_out"
     """Reward baseline over the batch's on-policy samples: ``leave_one_out``, ``batch_mean`` or ``none``."""
+    token_weighting: Literal["none", "tip_weight", "tip_filter"] = "none"
+    """Token importance (TIP): ``none``, ``tip_weight`` (weighted Eq. 2) or ``tip_filter`` (keep scores >= tip_threshold)."""
+    tip_threshold: float = 0.3
+    """``tip_filter``: the smallest kept score ``(1 - H(pT) / log V) * KL(pT || pS)``, >= 0."""
+    reject: dict[str, Any] | None = None
+    """Drop flawed on-policy samples before the teacher scores them: SampleFilter settings
+    (``max_perplexity``, ``loop_repeats``, ``loop_ngram``, ``max_repeated_fraction``, ``repeat_ngram``); null: off."""
+    reject_resample: int = 0
+    """Extra sampling tries for rejected on-policy samples, >= 0 (still rejected after them: dropped)."""
+
+    #: Fields that accept a schedule over training progress: the base's ``alpha``, and ``lmbda``.
+    scheduled_fields: ClassVar[dict[str, tuple[float, float]]] = {
+        **AgentConfig.scheduled_fields,
+        "lmbda": (0.0, 1.0),
+    }
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # also parses and range-checks alpha and lmbda
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        for name in ("beta", "lmbda"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         if self.mixture not in ("example", "batch"):
             raise ValueError(f"mixture must be 'example' or 'batch', got {self.mixture!r}")
         if self.off_policy not in ("reference", "teacher"):
@@ -95,23 +151,40 @@ class GKDConfig(AgentConfig):
         if self.target not in ("teacher", "one_hot"):
             raise ValueError(f"target must be 'teacher' or 'one_hot', got {self.target!r}")
         if self.target == "one_hot":
-            if self.lmbda != 0.0:
+            if not self.is_constant("lmbda", 0.0):
                 raise ValueError(
-                    f"target 'one_hot' (SFT/SeqKD) needs lmbda=0: it trains on fixed sequences, got lmbda={self.lmbda}"
+                    "target 'one_hot' (SFT/SeqKD) needs lmbda=0 (the constant): it trains on fixed sequences, "
+                    f"got lmbda={self.lmbda}"
                 )
             reverse = self.divergence == "reverse_kl" or (self.divergence == "jsd" and self.beta == 1.0)
             if reverse:
                 raise ValueError(
                     "target 'one_hot' cannot be used with reverse KL: KL(pS || one-hot) is infinite"
                 )
-        if self.alpha < 1.0 and self.lmbda == 0.0:
-            raise ValueError(
-                f"alpha < 1 ({self.alpha}) weights a reward on on-policy samples, but lmbda=0 gives none"
-            )
+        no_samples = self.is_constant("lmbda", 0.0)  # lmbda = 0 at every step: no on-policy samples
+        if self.uses_reward and no_samples:
+            what = f"beta_ext > 0 ({self.beta_ext})" if self.beta_ext else f"alpha < 1 ({self.alpha})"
+            raise ValueError(f"{what} weights a reward on on-policy samples, but lmbda=0 gives none")
         if self.baseline not in ("none", "batch_mean", "leave_one_out"):
             raise ValueError(
                 f"baseline must be 'none', 'batch_mean' or 'leave_one_out', got {self.baseline!r}"
             )
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {self.token_weighting!r}"
+            )
+        if not (math.isfinite(self.tip_threshold) and self.tip_threshold >= 0):
+            raise ValueError(f"tip_threshold must be a finite number >= 0, got {self.tip_threshold}")
+        if self.token_weighting != "none" and self.target != "teacher":
+            raise ValueError(
+                f"token_weighting {self.token_weighting!r} scores tokens with the teacher; target "
+                f"{self.target!r} has no teacher distribution"
+            )
+        self.reject_filter: SampleFilter | None = sample_filter_from_spec(self.reject, "reject")
+        if self.reject_resample < 0:
+            raise ValueError(f"reject_resample must be >= 0, got {self.reject_resample}")
+        if self.reject_filter is not None and no_samples:
+            raise ValueError("reject filters on-policy samples, but lmbda=0 gives none")
 
     @property
     def eval_beta(self) -> float:
@@ -135,6 +208,25 @@ def one_hot_logits(token_ids: Tensor, vocab_size: int, dtype: torch.dtype = torc
     return out.scatter_(-1, token_ids[..., None], 0.0)
 
 
+@dataclass
+class Collected:
+    """The sequences of one GKD step (:meth:`GKDAgent.gather`).
+
+    Attributes:
+        rollouts: scored sequences (teacher logits unless ``target="one_hot"``), on-policy part first.
+        rows: the batch index of each of their rows, in order (rejected on-policy examples missing).
+        num_on_policy: the kept on-policy rows (the first rows of ``rollouts[0]``).
+        stats: ``rollout/filter/...`` metrics when rejection is on.
+        rejected: the on-policy samples when every one of them was rejected, else None.
+    """
+
+    rollouts: list[Rollout]
+    rows: list[int]
+    num_on_policy: int
+    stats: dict[str, float] = field(default_factory=dict)
+    rejected: Rollout | None = None
+
+
 class GKDAgent(Agent):
     """On-policy / mixed / supervised distillation by direct gradient of the token-level divergence.
 
@@ -154,14 +246,23 @@ class GKDAgent(Agent):
     config_cls = GKDConfig
     config: GKDConfig
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_filter = self.config.reject_filter
+
+    @property
+    def lmbda_now(self) -> float:
+        """The on-policy fraction lambda for the current update (``agent.lmbda``, scheduled or constant)."""
+        return self.scheduled_values["lmbda"]
+
     # --- data -----------------------------------------------------------------------------
     def _on_policy_rows(self, batch_size: int) -> Tensor:
         """Boolean ``(B,)``: which examples use student samples (the lambda coin)."""
-        cfg, gen = self.config, self.generator
-        if cfg.lmbda in (0.0, 1.0):
-            return torch.full((batch_size,), cfg.lmbda == 1.0)
+        cfg, gen, lmbda = self.config, self.generator, self.lmbda_now
+        if lmbda in (0.0, 1.0):
+            return torch.full((batch_size,), lmbda == 1.0)
         n = 1 if cfg.mixture == "batch" else batch_size
-        coins = torch.rand(n, generator=gen, device=gen.device).cpu() < cfg.lmbda
+        coins = torch.rand(n, generator=gen, device=gen.device).cpu() < lmbda
         return coins.expand(batch_size) if n == 1 else coins
 
     def _fixed_sequences(self, examples: Sequence[Example]) -> Rollout:
@@ -180,6 +281,41 @@ class GKDAgent(Agent):
             )
         return self.engine.from_completions(prompts, [ex.reference for ex in examples])
 
+    def gather(self, examples: Sequence[Example], on_policy: Tensor | None = None) -> Collected:
+        """Sequences for one step: sample, reject flawed samples, add fixed sequences, score.
+
+        On-policy samples go through :meth:`~rl_distill.agents.base.Agent.reject_flawed` (when
+        ``reject`` is set) *before* the teacher's forward, so the teacher scores only kept rows.
+
+        Args:
+            examples: the batch.
+            on_policy: boolean ``(B,)`` choice of on-policy rows; default: flip the lambda coin.
+        """
+        cfg = self.config
+        on = self._on_policy_rows(len(examples)) if on_policy is None else on_policy
+        on_rows = [i for i in range(len(examples)) if on[i]]
+        off_rows = [i for i in range(len(examples)) if not on[i]]
+        got = Collected([], [], 0)
+        if on_rows:
+            prompts = [examples[i].prompt for i in on_rows]
+            sampled = self.engine.generate(prompts, cfg.sampling, generator=self.generator)
+            kept, first, rows = self.reject_flawed(sampled, resample=cfg.reject_resample)
+            if self.sample_filter is not None:
+                got.stats.update(first.metrics())
+                got.stats["rollout/filter/dropped_fraction"] = 1.0 - len(rows) / len(on_rows)
+            if kept is None:
+                got.rejected = sampled
+            else:
+                got.rollouts.append(kept)
+                got.rows += [on_rows[k] for k in rows.tolist()]
+                got.num_on_policy = len(rows)
+        if off_rows:
+            got.rollouts.append(self._fixed_sequences([examples[i] for i in off_rows]))
+            got.rows += off_rows
+        if cfg.target != "one_hot":  # SFT / SeqKD: the teacher's scores are not needed
+            got.rollouts = [self.engine.score(r, teacher_output="full") for r in got.rollouts]
+        return got
+
     def collect(
         self, examples: Sequence[Example], on_policy: Tensor | None = None
     ) -> tuple[list[Rollout], int]:
@@ -190,22 +326,28 @@ class GKDAgent(Agent):
             on_policy: boolean ``(B,)`` choice of on-policy rows; default: flip the lambda coin.
 
         Returns:
-            The rollouts (one or two) and the number of on-policy examples.
+            The rollouts (none, one or two) and the number of (kept) on-policy examples.
         """
-        on = self._on_policy_rows(len(examples)) if on_policy is None else on_policy
-        parts = []
-        on_rows = [i for i in range(len(examples)) if on[i]]
-        off_rows = [i for i in range(len(examples)) if not on[i]]
-        if on_rows:
-            prompts = [examples[i].prompt for i in on_rows]
-            parts.append(self.engine.generate(prompts, self.config.sampling, generator=self.generator))
-        if off_rows:
-            parts.append(self._fixed_sequences([examples[i] for i in off_rows]))
-        if self.config.target == "one_hot":
-            return parts, len(on_rows)  # SFT / SeqKD: the teacher's scores are not needed
-        return [self.engine.score(r, teacher_output="full") for r in parts], len(on_rows)
+        got = self.gather(examples, on_policy)
+        return got.rollouts, got.num_on_policy
 
     # --- loss -----------------------------------------------------------------------------
+    def teacher_target(self, rollout: Rollout, vocab_size: int) -> Tensor:
+        """The target logits ``(B, T, V)`` to pass to a divergence taken at ``temperature``.
+
+        The teacher's logits scaled by ``temperature / teacher_temperature`` (so the divergence's
+        ``softmax(. / temperature)`` is the teacher at ``teacher_temperature``; unscaled when the two
+        are equal), or the one-hot logits of the sequence's tokens (``target="one_hot"``).
+        """
+        cfg = self.config
+        if cfg.target == "one_hot":
+            return one_hot_logits(rollout.completion_ids, vocab_size)  # (B, T, V)
+        target = rollout.teacher_logits  # (B, T, V)
+        if cfg.teacher_temp != cfg.temperature:
+            target = target.to(torch.promote_types(target.dtype, torch.float32))
+            target = target * (cfg.temperature / cfg.teacher_temp)
+        return target
+
     def sequence_divergence(self, rollout: Rollout, student_logits: Tensor | None = None) -> Tensor:
         """Paper Eq. 2 for each sequence of ``rollout``, differentiable w.r.t. the student: ``(B,)``.
 
@@ -213,30 +355,100 @@ class GKDAgent(Agent):
             rollout: scored sequences (``teacher_logits`` needed unless ``target="one_hot"``).
             student_logits: ``(B, T, V)`` from :meth:`RolloutEngine.score_student`; computed if None.
         """
+        return self._divergence(rollout, student_logits, "sequence")
+
+    def _divergence(self, rollout: Rollout, student_logits: Tensor | None, reduction: str) -> Tensor:
         cfg = self.config
         if student_logits is None:
             student_logits = self.engine.score_student(rollout)  # (B, T, V), with gradient
-        if cfg.target == "one_hot":
-            target = one_hot_logits(rollout.completion_ids, student_logits.shape[-1])  # (B, T, V)
-        else:
-            target = rollout.teacher_logits
         return divergence(
             cfg.divergence,
-            target,
+            self.teacher_target(rollout, student_logits.shape[-1]),
             student_logits,
             rollout.completion_mask,
             beta=cfg.beta,
             temperature=cfg.temperature,
-            reduction="sequence",
+            reduction=reduction,  # type: ignore[arg-type]
         )
+
+    def weighted_sequence_divergence(
+        self, rollout: Rollout, student_logits: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """TIP-weighted Eq. 2 per sequence (module docstring, step 2): ``sum_n w_n D_n / sum_n w_n``.
+
+        Args:
+            rollout: scored sequences.
+            student_logits: ``(B, T, V)`` with gradient.
+
+        Returns:
+            ``(weighted, has_weight, plain, weights)``: the weighted divergence ``(B,)`` (0, with a
+            zero gradient, where ``sum_n w_n = 0``), whether each sequence has a non-zero weight
+            ``(B,)``, the unweighted Eq. 2 ``(B,)`` (detached), and the weights ``(B, T)``
+            (TIP scores, or 0/1 for the filter; 0 where masked; detached).
+        """
+        cfg, mask = self.config, rollout.completion_mask
+        target = self.teacher_target(rollout, student_logits.shape[-1])  # (B, T, V)
+        tokens = divergence(
+            cfg.divergence,
+            target,
+            student_logits,
+            mask,
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            reduction="token",
+        )  # (B, T), 0 where masked
+        # The score's KL(pT || pS) at the loss's temperatures: the same scaled target, detached student.
+        scores = token_importance(
+            target, student_logits.detach(), mask, temperature=cfg.temperature
+        )  # (B, T)
+        if cfg.token_weighting == "tip_filter":
+            weights = importance_filter(scores, mask, cfg.tip_threshold)[0].to(tokens.dtype)  # (B, T)
+        else:
+            weights = scores.to(tokens.dtype)  # (B, T), 0 where masked
+        num, den = (weights * tokens).sum(-1), weights.sum(-1)  # (B,)
+        has = den > 0
+        weighted = torch.where(has, num / torch.where(has, den, torch.ones_like(den)), num * 0.0)
+        plain = tokens.detach().sum(-1) / mask.sum(-1).clamp(min=1)  # (B,) paper Eq. 2
+        return weighted, has, plain, weights
+
+    def divergence_terms(
+        self, rollouts: Sequence[Rollout], student_logits: Sequence[Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """``L_GKD`` (TIP-weighted when ``token_weighting`` is on), each sequence's Eq. 2, TIP metrics.
+
+        Without weighting ``L_GKD`` is the mean over all sequences of their Eq. 2 divergence; with it,
+        the mean of :meth:`weighted_sequence_divergence` over the sequences with a non-zero weight
+        (0 with a zero gradient when there are none).
+
+        Returns:
+            ``(loss, per_sequence, stats)``: per-sequence unweighted Eq. 2 values ``(B,)`` (detached,
+            in the order of the rollouts' rows) and ``rollout/tip_...`` floats.
+        """
+        logits = student_logits if student_logits is not None else [None] * len(rollouts)
+        if self.config.token_weighting == "none":
+            per_seq = torch.cat([self.sequence_divergence(r, s) for r, s in zip(rollouts, logits)])  # (B,)
+            return per_seq.mean(), per_seq.detach(), {}
+        parts = [
+            self.weighted_sequence_divergence(r, s if s is not None else self.engine.score_student(r))
+            for r, s in zip(rollouts, logits)
+        ]
+        weighted, has, plain = (torch.cat([p[k] for p in parts]) for k in range(3))  # (B,) each
+        loss = weighted.sum() / has.sum().clamp(min=1)
+        tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
+        weights = [p[3][r.completion_mask] for p, r in zip(parts, rollouts)]
+        stats = {"rollout/tip_sequences_fraction": float(has.float().mean())}
+        if self.config.token_weighting == "tip_filter":
+            stats["rollout/tip_kept_fraction"] = sum(int((w > 0).sum()) for w in weights) / max(1, tokens)
+        else:
+            stats["rollout/tip_weight_mean"] = float(sum(w.sum() for w in weights)) / max(1, tokens)
+        return loss, plain, stats
 
     def loss(
         self, rollouts: Sequence[Rollout], student_logits: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``L_GKD``: the mean over all sequences of their Eq. 2 divergence. Returns (loss, per-sequence)."""
-        logits = student_logits if student_logits is not None else [None] * len(rollouts)
-        per_seq = torch.cat([self.sequence_divergence(r, s) for r, s in zip(rollouts, logits)])  # (B,)
-        return per_seq.mean(), per_seq.detach()
+        """``L_GKD`` (:meth:`divergence_terms`). Returns (loss, per-sequence Eq. 2, detached)."""
+        loss, per_seq, _ = self.divergence_terms(rollouts, student_logits)
+        return loss, per_seq
 
     def reward_loss(self, rollout: Rollout, student_logits: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 5's reward term by REINFORCE on on-policy samples: ``-mean_i[(r_i - b_i) sum_t log pS(y_i,t)]``.
@@ -262,6 +474,9 @@ class GKDAgent(Agent):
     ) -> tuple[Tensor, dict[str, float]]:
         """The Eq. 5 loss ``alpha * L_GKD - (1 - alpha) * PG(r)`` (module docstring, step 3).
 
+        With ``beta_ext`` set: ``L_GKD - beta_ext * PG(r)``. ``alpha`` is its value for the
+        current update (:attr:`alpha_now`).
+
         Args:
             rollouts: from :meth:`collect` (on-policy rollout first when ``num_on_policy > 0``).
             num_on_policy: number of on-policy sequences (the rows of ``rollouts[0]``).
@@ -270,15 +485,22 @@ class GKDAgent(Agent):
         Returns:
             The loss and float statistics.
         """
-        alpha = self.config.alpha
+        loss, stats, _ = self._objective(rollouts, num_on_policy, rewards)
+        return loss, stats
+
+    def _objective(
+        self, rollouts: Sequence[Rollout], num_on_policy: int, rewards: Tensor | None
+    ) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`objective`, plus each sequence's unweighted Eq. 2 divergence ``(B,)`` (detached)."""
+        distill_weight, reward_weight = objective_weights(self.alpha_now, self.config.beta_ext)
         logits = [self.engine.score_student(r) for r in rollouts]  # one gradient forward per rollout
-        divergence_loss, per_seq = self.loss(rollouts, logits)
-        stats = {"train/divergence": float(per_seq.mean())}
-        # alpha == 0 removes the term rather than multiplying it by 0 (0 * inf would be NaN).
-        loss = alpha * divergence_loss if alpha > 0 else None
-        if alpha < 1.0 and rewards is not None and num_on_policy > 0:
+        divergence_loss, per_seq, tip_stats = self.divergence_terms(rollouts, logits)
+        stats = {"train/divergence": float(per_seq.mean()), **tip_stats}
+        # A zero weight removes the term rather than multiplying it by 0 (0 * inf would be NaN).
+        loss = distill_weight * divergence_loss if distill_weight > 0 else None
+        if reward_weight > 0 and rewards is not None and num_on_policy > 0:
             pg_loss, advantages = self.reward_loss(rollouts[0], logits[0], rewards)
-            weighted = (1.0 - alpha) * pg_loss
+            weighted = reward_weight * pg_loss
             loss = weighted if loss is None else loss + weighted
             stats.update(
                 {
@@ -289,32 +511,49 @@ class GKDAgent(Agent):
             )
         if loss is None:  # alpha = 0 and no on-policy sample this step: nothing to learn from
             loss = 0.0 * divergence_loss
-        return loss, stats
+        return loss, stats, per_seq
 
     # --- step -----------------------------------------------------------------------------
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
-        """One GKD step (Algorithm 1, Eq. 5): collect sequences, score rewards, minimise the loss."""
+        """One GKD step (Algorithm 1, Eq. 5): collect sequences, score rewards, minimise the loss.
+
+        Sets :attr:`example_scores` to each example's Eq. 2 divergence (NaN for a rejected sample).
+        """
         t0 = time.perf_counter()
         on = self._on_policy_rows(len(batch))
-        rollouts, num_on_policy = self.collect(batch, on)
+        got = self.gather(batch, on)
+        rollouts, num_on_policy = got.rollouts, got.num_on_policy
+        if self.sample_filter is not None:
+            # Decided together: a process with nothing left still joins the others' all-reduce.
+            nothing = torch.tensor(0.0 if got.rows else 1.0, device=self.engine.device)
+            if float(self.mean_across_processes(nothing)) == 1.0:
+                return self._empty_step(batch, got, t0)
         rewards = None
-        if self.config.alpha < 1.0 and num_on_policy > 0:
-            on_examples = [ex for ex, is_on in zip(batch, on.tolist()) if is_on]
+        _, reward_weight = objective_weights(self.alpha_now, self.config.beta_ext)
+        if reward_weight > 0 and num_on_policy > 0:
+            on_examples = [batch[i] for i in got.rows[:num_on_policy]]
             rewards = self.external_rewards(on_examples, rollouts[0])  # (num_on_policy,)
         t1 = time.perf_counter()
         self.student.train()
-        loss, loss_stats = self.objective(rollouts, num_on_policy, rewards)
+        if got.rows:
+            loss, loss_stats, per_seq = self._objective(rollouts, num_on_policy, rewards)
+        else:  # every sample of this process was rejected, not those of others: a zero loss
+            assert got.rejected is not None
+            one = select_rows(got.rejected, torch.zeros(1, dtype=torch.long))
+            loss, loss_stats, per_seq = 0.0 * self.engine.score_student(one).sum(), {}, torch.zeros(0)
         stats = self.optimizer_step(loss)
         t2 = time.perf_counter()
 
-        lengths = torch.cat([r.lengths for r in rollouts]).float()
+        self.example_scores = [math.nan] * len(batch)
+        for row, value in zip(got.rows, per_seq.tolist()):
+            self.example_scores[row] = value
         generated = sum(int(r.lengths.sum()) for r in rollouts)
         stats.update(loss_stats)
+        stats.update(got.stats)
         stats.update(
             {
                 "train/loss": float(loss.detach()),
                 "rollout/on_policy_fraction": num_on_policy / len(batch),
-                "rollout/completion_length": float(lengths.mean()),
                 "time/generate": sum(r.timings.get("generate", 0.0) for r in rollouts),
                 "time/teacher": sum(r.timings.get("score", 0.0) for r in rollouts),
                 "time/student_update": t2 - t1,
@@ -322,8 +561,31 @@ class GKDAgent(Agent):
                 "time/tokens": float(generated),
             }
         )
-        if all(r.teacher_logprobs is not None for r in rollouts):
+        if rollouts:
+            stats["rollout/completion_length"] = float(
+                torch.cat([r.lengths for r in rollouts]).float().mean()
+            )
+        if rollouts and all(r.teacher_logprobs is not None for r in rollouts):
             stats["rollout/teacher_logprob"] = float(
                 torch.cat([r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1) for r in rollouts]).mean()
             )
         return stats
+
+    def _empty_step(self, batch: Sequence[Example], got: Collected, t0: float) -> dict[str, float]:
+        """Every sample of the step was rejected (on every process): no teacher call, no optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.empty_steps += 1
+        self.example_scores = [math.nan] * len(batch)
+        sampled = got.rejected
+        return {
+            **got.stats,
+            "train/loss": 0.0,
+            "train/grad_norm": 0.0,
+            "train/skipped": 1.0,
+            "rollout/on_policy_fraction": 0.0,
+            "time/generate": sampled.timings.get("generate", 0.0) if sampled is not None else 0.0,
+            "time/teacher": 0.0,
+            "time/student_update": 0.0,
+            "time/step": time.perf_counter() - t0,
+            "time/tokens": float(sampled.lengths.sum()) if sampled is not None else 0.0,
+        }

@@ -5,14 +5,19 @@ Follows cleanrl's ``ppo.py`` (names and order: ``b_logprobs``, ``b_values``, GAE
 Each update, for a batch of prompts:
 
 1. **Rollout.** One completion per prompt from the student at ``temperature`` (``engine.rollout``),
-   with the teacher's log-prob of every token.
+   with the teacher's log-prob of every token at ``teacher_temp`` (``teacher_temperature``, by
+   default the sampling temperature, as in GKD).
 2. **Old log-probs and values.** One no-grad student forward (eval mode, as when sampling) gives
-   ``log pS_old(y_t)`` at the sampling temperature and ``V(s_t)`` from a linear value head on the
+   ``log pS_old(y_t)`` of the sampled policy (``temperature``, ``top_k``/``top_p`` filtered and
+   renormalised: :func:`~rl_distill.rollout.engine.filtered_logprobs`, also used for the new
+   log-probs of the ratio) and ``V(s_t)`` from a linear value head on the
    last hidden state (:class:`~rl_distill.agents.base.ValueHead`; it reads detached hidden states,
    so the value loss trains only the head, which has its own param group in the optimizer).
 3. **Rewards per token** as in the environment (:mod:`rl_distill.objective`): ``alpha * log pT(y_t)``
    plus ``(1 - alpha) * r(x, y)`` at the last token, plus the agent's own ``-alpha * log pS_old(y_t)``
    from the rollout-time (old) log-probs; optionally clipped to ``[-reward_clip, reward_clip]``.
+   With ``beta_ext`` (reward extrapolation, G-OPD; ``alpha = 1``): ``log pT - log pS_old`` plus
+   ``beta_ext * r`` at the last token (:mod:`rl_distill.objective`).
 4. **GAE** (Schulman et al. 2016) with ``gamma``, ``gae_lambda``; the completion ends the episode
    (at EOS or at the token budget: the Eq. 5 objective is over the truncated completion), padded
    positions neither receive nor pass on value. ``returns = advantages + values``.
@@ -48,10 +53,10 @@ from rl_distill.agents.base import (
     masked_whiten,
     select_rows,
     sequence_loss,
-    token_logprobs,
 )
-from rl_distill.objective import env_token_rewards, student_token_rewards
+from rl_distill.objective import env_token_rewards, objective_weights, student_token_rewards
 from rl_distill.rollout import Rollout
+from rl_distill.rollout.engine import filter_logits, filtered_logprobs
 from rl_distill.tasks import Example
 
 
@@ -187,10 +192,20 @@ def value_loss(
     return 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
 
 
-def masked_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean entropy of ``softmax(logits / temperature)`` over real tokens (``(B, T, V)`` -> scalar)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
-    entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
+def masked_entropy(
+    logits: Tensor, mask: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> Tensor:
+    """Mean entropy of the sampled policy over real tokens (``(B, T, V)`` -> scalar).
+
+    The policy is ``softmax(logits / temperature)``, restricted by ``top_k``/``top_p`` and
+    renormalised when they are on (dropped tokens contribute 0, also to the gradient).
+    """
+    scaled = filter_logits(logits.float() / temperature, top_k, top_p)  # (B, T, V), -inf if dropped
+    logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
+    if top_k > 0 or top_p < 1.0:
+        entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)  # 0 * -inf is NaN
+    else:
+        entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
     return masked_mean(entropy, mask)
 
 
@@ -200,7 +215,7 @@ class PPOBatch:
 
     Attributes:
         rollout: the scored rollout (``B`` sequences, ``T`` completion positions).
-        logprobs: ``(B, T)`` old log-probs of the sampled tokens at the sampling temperature.
+        logprobs: ``(B, T)`` old log-probs of the sampled tokens under the sampled (filtered) policy.
         values: ``(B, T)`` old values ``V(s_t)``.
         rewards: ``(B, T)`` per-token rewards (after clipping).
         advantages: ``(B, T)`` GAE advantages.
@@ -229,7 +244,7 @@ class PPOAgent(Agent):
         **kwargs: passed to :class:`~rl_distill.agents.base.Agent`.
 
     Raises:
-        ValueError: ``alpha < 1`` without a reward.
+        ValueError: ``alpha < 1`` or ``beta_ext > 0`` without a reward.
     """
 
     name = "ppo"
@@ -247,25 +262,37 @@ class PPOAgent(Agent):
     def collect(self, batch: Sequence[Example]) -> PPOBatch:
         """Sample, score, and compute rewards and GAE advantages (steps 1-4 of the module docstring)."""
         cfg = self.config
-        rollout = self.engine.rollout([ex.prompt for ex in batch], cfg.sampling, generator=self.generator)
-        external = self.external_rewards(batch, rollout) if cfg.alpha < 1.0 else None
+        rollout = self.engine.rollout(
+            [ex.prompt for ex in batch],
+            cfg.sampling,
+            generator=self.generator,
+            teacher_temperature=cfg.teacher_temp,
+        )
+        _, reward_weight = objective_weights(self.alpha_now, cfg.beta_ext)
+        external = self.external_rewards(batch, rollout) if reward_weight > 0 else None
         mask = rollout.completion_mask
 
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             logits, hidden = self.engine.student_forward(rollout, output_hidden_states=True)
-            logprobs = token_logprobs(logits, rollout.completion_ids, cfg.temperature)  # (B, T)
+            logprobs = self.policy_logprobs(logits, rollout.completion_ids)  # (B, T)
             values = self.value_head(hidden) * mask  # (B, T)
         self.student.train(was_training)
 
+        alpha, beta_ext = self.alpha_now, cfg.beta_ext  # alpha may follow a schedule
         rewards = env_token_rewards(
-            rollout.teacher_logprobs, mask, cfg.alpha, external
-        ) + student_token_rewards(logprobs, mask, cfg.alpha)  # (B, T)
+            rollout.teacher_logprobs, mask, alpha, external, beta_ext=beta_ext
+        ) + student_token_rewards(logprobs, mask, alpha, beta_ext=beta_ext)  # (B, T)
         if cfg.reward_clip is not None:
             rewards = rewards.clamp(-cfg.reward_clip, cfg.reward_clip) * mask
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
         return PPOBatch(rollout, logprobs, values, rewards, advantages, returns, external)
+
+    def policy_logprobs(self, logits: Tensor, token_ids: Tensor) -> Tensor:
+        """``log pS`` of ``token_ids`` under the sampled policy (temperature, top-k/top-p): ``(B, T)``."""
+        cfg = self.config
+        return filtered_logprobs(logits, token_ids, cfg.temperature, cfg.top_k, cfg.top_p)
 
     # --- update phase: epochs of minibatches -----------------------------------------------
     def minibatch_loss(self, data: PPOBatch, mb_inds: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -288,7 +315,7 @@ class PPOAgent(Agent):
         )
 
         logits, hidden = self.engine.student_forward(mb, output_hidden_states=True)
-        newlogprob = token_logprobs(logits, mb.completion_ids, cfg.temperature)  # (b, T)
+        newlogprob = self.policy_logprobs(logits, mb.completion_ids)  # (b, T)
         newvalue = self.value_head(hidden)  # (b, T)
 
         if cfg.norm_adv:
@@ -308,11 +335,11 @@ class PPOAgent(Agent):
 
         v_loss = value_loss(newvalue, mb_values, mb_returns, mb_mask, cfg.clip_coef, cfg.clip_vloss)
         if cfg.ent_coef > 0:
-            entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
+            entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature, cfg.top_k, cfg.top_p)
             loss = pg_loss - cfg.ent_coef * entropy_loss + v_loss * cfg.vf_coef
         else:
             with torch.no_grad():
-                entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature)
+                entropy_loss = masked_entropy(logits, mb_mask, cfg.temperature, cfg.top_k, cfg.top_p)
             loss = pg_loss + v_loss * cfg.vf_coef
         stats = {
             "pg_loss": pg_loss.detach(),

@@ -5,10 +5,14 @@ sequence-level reverse KL, everything is an expectation under the student's own 
 :mod:`rl_distill.objective` splits it into per-token rewards. Each step, for a batch of prompts:
 
 1. **Rollout.** ``samples_per_prompt = k`` completions per prompt from the student at
-   ``temperature`` (``engine.rollout``, KV cache), with the teacher's log-prob of every token.
+   ``temperature`` (``engine.rollout``, KV cache), with the teacher's log-prob of every token at
+   ``teacher_temp`` (``teacher_temperature``, by default the sampling temperature, as in GKD).
 2. **Rewards per token.** The environment's ``alpha * log pT(y_t)`` plus ``(1 - alpha) * r(x, y)``
    at the last token (:func:`~rl_distill.objective.env_token_rewards`), and the agent's own
-   ``-alpha * log pS(y_t)`` (:func:`~rl_distill.objective.student_token_rewards`, detached).
+   ``-alpha * log pS(y_t)`` (:func:`~rl_distill.objective.student_token_rewards`, detached). With
+   ``beta_ext`` (reward extrapolation, G-OPD; ``alpha = 1``) the weights are ``1`` on both log-probs
+   and ``beta_ext`` on ``r``: Eq. 5 with ``alpha`` divided by ``alpha`` when
+   ``beta_ext = (1 - alpha) / alpha`` (see :mod:`rl_distill.objective`).
 3. **Returns.** ``return_type="reward_to_go"``: ``G_t = sum_{k>=t} gamma^(k-t) r_k`` for token ``t``
    (only later rewards: lower variance); ``"sequence"``: the whole return ``G_0`` for every token.
    ``length_normalize`` divides the distillation part of each return by the number of tokens it
@@ -31,6 +35,11 @@ With ``gamma = 1``, a baseline independent of the token it multiplies and of lat
 distillation part. ``tests/test_reinforce.py`` checks this by enumerating every completion of a tiny
 model. The own term's direct dependence on the student is left out of the gradient: its
 expectation, ``-alpha E[grad log pS(y)]``, is zero.
+
+``log pS`` is always the log-prob of the distribution the rollout was sampled from: the student's
+softmax at ``temperature`` restricted by ``top_k``/``top_p`` and renormalised
+(:func:`~rl_distill.rollout.engine.filtered_logprobs`, the same function the engine records with),
+so with a filter on the gradient is that of Eq. 5 for the filtered policy.
 """
 
 from __future__ import annotations
@@ -53,10 +62,15 @@ from rl_distill.agents.base import (
     masked_mean,
     masked_whiten,
     sequence_loss,
-    token_logprobs,
 )
-from rl_distill.objective import discounted_returns, env_token_rewards, student_token_rewards
+from rl_distill.objective import (
+    discounted_returns,
+    env_token_rewards,
+    objective_weights,
+    student_token_rewards,
+)
 from rl_distill.rollout import Rollout
+from rl_distill.rollout.engine import filtered_logprobs
 from rl_distill.tasks import Example
 
 
@@ -201,7 +215,7 @@ class REINFORCEAgent(Agent):
         **kwargs: passed to :class:`~rl_distill.agents.base.Agent`.
 
     Raises:
-        ValueError: ``alpha < 1`` without a reward.
+        ValueError: ``alpha < 1`` or ``beta_ext > 0`` without a reward.
     """
 
     name = "reinforce"
@@ -222,14 +236,19 @@ class REINFORCEAgent(Agent):
         """Sample ``k`` completions per prompt (rows ``i*k .. i*k+k-1``), teacher log-probs, rewards.
 
         Returns:
-            The scored rollout (``B * k`` rows) and the external rewards ``(B * k,)`` (None if alpha = 1).
+            The scored rollout (``B * k`` rows) and the external rewards ``(B * k,)`` (None when the
+            reward has no weight: ``alpha = 1`` and no ``beta_ext``).
         """
-        k = self.config.samples_per_prompt
-        examples = [ex for ex in batch for _ in range(k)]
+        cfg = self.config
+        examples = [ex for ex in batch for _ in range(cfg.samples_per_prompt)]
         rollout = self.engine.rollout(
-            [ex.prompt for ex in examples], self.config.sampling, generator=self.generator
+            [ex.prompt for ex in examples],
+            cfg.sampling,
+            generator=self.generator,
+            teacher_temperature=cfg.teacher_temp,
         )
-        external = self.external_rewards(examples, rollout) if self.config.alpha < 1.0 else None
+        _, reward_weight = objective_weights(self.alpha_now, cfg.beta_ext)
+        external = self.external_rewards(examples, rollout) if reward_weight > 0 else None
         return rollout, external
 
     # --- loss -----------------------------------------------------------------------------
@@ -253,14 +272,19 @@ class REINFORCEAgent(Agent):
         logits, hidden = self.engine.student_forward(
             rollout, output_hidden_states=self.value_head is not None
         )
-        logprobs = token_logprobs(logits, rollout.completion_ids, cfg.temperature)  # (B, T), with gradient
+        # log pS of the sampled policy (tempered, top-k/top-p filtered), with gradient: (B, T)
+        logprobs = filtered_logprobs(logits, rollout.completion_ids, cfg.temperature, cfg.top_k, cfg.top_p)
 
-        # Eq. 5 per token: the distillation part alpha (log pT - log pS), and (1 - alpha) r at the end.
+        # Eq. 5 per token: the distillation part alpha (log pT - log pS), and (1 - alpha) r at the end
+        # (weights 1 and beta_ext under reward extrapolation).
         teacher = rollout.teacher_logprobs
-        distill = env_token_rewards(teacher, mask, cfg.alpha) + student_token_rewards(
-            logprobs.detach(), mask, cfg.alpha
+        alpha, beta_ext = self.alpha_now, cfg.beta_ext  # alpha may follow a schedule
+        distill = env_token_rewards(teacher, mask, alpha, beta_ext=beta_ext) + student_token_rewards(
+            logprobs.detach(), mask, alpha, beta_ext=beta_ext
         )  # (B, T)
-        terminal = env_token_rewards(torch.zeros_like(teacher), mask, cfg.alpha, external)  # (B, T)
+        terminal = env_token_rewards(
+            torch.zeros_like(teacher), mask, alpha, external, beta_ext=beta_ext
+        )  # (B, T)
         returns = compute_returns(
             distill,
             mask,

@@ -3,9 +3,8 @@
 Methods (:data:`METHODS`):
 
 - ``ours``: :class:`rl_distill.agents.GKDAgent`, on-policy (lambda = 1), JSD(beta);
-- ``ours_recommended``: ``ours`` with the benchmark-local prototypes of the recommended changes
+- ``ours_recommended``: ``ours`` with the benchmark-local prototype of the recommended change
   (:data:`RECOMMENDED_PATCHES`, see :mod:`benchmarks._patches`);
-- ``ours_small_chunks``: ``ours`` with only the smaller divergence chunk (``small_chunks``);
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -401,17 +400,16 @@ def _trl_facts(trainer: Any) -> dict[str, Any]:
     }
 
 
-#: The benchmark-local prototypes of the recommended rl_distill changes (``ours_recommended``).
-#: ``inverse_cdf_sampling`` is no longer in the list: the engine samples by inverse CDF since 07b5d6f.
-RECOMMENDED_PATCHES = ("fused_jsd", "small_chunks")
+#: The benchmark-local prototype of the recommended rl_distill change (``ours_recommended``).
+#: ``inverse_cdf_sampling`` and ``small_chunks`` (and the ``ours_small_chunks`` method) were removed
+#: in issue #12: the engine samples by inverse CDF since 07b5d6f, and the library's chunk default
+#: (2**19 elements since 247e0a2) is already smaller than the patch's 2**20.
+RECOMMENDED_PATCHES = ("fused_jsd",)
 
 #: name -> runner(spec) -> result dict
 METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     "ours": lambda spec: run_ours(spec, lmbda=1.0),
     "ours_lambda0": lambda spec: run_ours(spec, lmbda=0.0),
-    "ours_small_chunks": lambda spec: run_ours(
-        spec, lmbda=1.0, patches=("small_chunks",), name="ours_small_chunks"
-    ),
     "ours_recommended": lambda spec: run_ours(
         spec, lmbda=1.0, patches=RECOMMENDED_PATCHES, name="ours_recommended"
     ),

@@ -12,9 +12,12 @@ backward run, *including the gradient tensor of the student logits* (``student.g
 Variants (``--variants``):
 
 - ``chunked``: ``rl_distill.divergences.generalized_jsd`` as shipped (rows in chunks of
-  ``2**22 / V`` rows, recomputed in backward); ``chunked:R`` the same with ``chunk_size=R`` rows;
+  ``DEFAULT_CHUNK_ELEMENTS / V`` rows, recomputed in backward; the default is 2**19 elements, it was
+  2**22 when ``results/divergence_memory.json`` was measured); ``chunked:R`` the same with
+  ``chunk_size=R`` rows;
 - ``fused_grad``: a benchmark-local prototype that writes the analytic gradient during the forward
-  chunk loop (:class:`benchmarks._patches.FusedGradJSD`); ``fused_grad:R`` with R rows;
+  chunk loop (:class:`benchmarks._patches.FusedGradJSD`), at the library's default chunk;
+  ``fused_grad:R`` with R rows;
 - ``naive_stack``: TRL's ``GKDTrainer.generalized_jsd_loss`` formula (two log-softmaxes,
   ``torch.stack`` + ``logsumexp`` mixture, two ``F.kl_div``), full autograd;
 - ``naive_logaddexp``: the same with ``torch.logaddexp`` instead of the stacked tensor.

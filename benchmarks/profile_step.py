@@ -45,9 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import BenchSpec, make_optimizer  # noqa: E402
-from benchmarks._patches import _inverse_cdf_multinomial, fused_jsd  # noqa: E402
-
-_INVERSE_CDF = _inverse_cdf_multinomial(torch.multinomial)
+from benchmarks._patches import default_chunk_rows, fused_jsd  # noqa: E402
 from benchmarks.vs_trl import add_spec_arguments, spec_from_args  # noqa: E402
 
 
@@ -414,10 +412,12 @@ def experiment_optimizer(agent: Any, spec: BenchSpec, repeats: int) -> dict[str,
 def _sample_current(
     logits: torch.Tensor, temp: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's per-token arithmetic (top_k=0, top_p=1): two softmaxes over the vocabulary."""
+    """The engine's per-token arithmetic (top_k=0, top_p=1): two softmaxes, inverse-CDF sampling."""
+    from rl_distill.rollout.engine import sample_categorical
+
     logp_all = torch.log_softmax(logits / temp, dim=-1)
     filtered = logits / temp  # _filter_logits is a no-op without top-k/top-p
-    tok = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)
+    tok = sample_categorical(filtered.softmax(-1), gen)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -425,29 +425,35 @@ def _sample_lean(
     logits: torch.Tensor, temp: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One log-softmax, reused for sampling (``exp``) and the token log-prob (same distribution)."""
+    from rl_distill.rollout.engine import sample_categorical
+
     logp_all = torch.log_softmax(logits / temp, dim=-1)
-    tok = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(-1)
+    tok = sample_categorical(logp_all.exp(), gen)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 
 
-def _sample_inverse_cdf(
+def _sample_multinomial(
     logits: torch.Tensor, temp: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current arithmetic with ``torch.multinomial`` replaced by inverse-CDF sampling (float64)."""
+    """The engine's arithmetic before commit 07b5d6f: ``torch.multinomial`` (B x V exponentials on CPU)."""
     logp_all = torch.log_softmax(logits / temp, dim=-1)
     filtered = logits / temp
-    tok = _INVERSE_CDF(filtered.softmax(-1), 1, generator=gen).squeeze(-1)
+    tok = torch.multinomial(filtered.softmax(-1), 1, generator=gen).squeeze(-1)
     return tok, logp_all.gather(-1, tok[:, None]).squeeze(-1)
 
 
 def experiment_sampling(spec: BenchSpec, vocab: int, repeats: int) -> dict[str, Any]:
-    """Per-step sampling arithmetic on ``(B, V)`` logits, times ``max_new_tokens`` tokens."""
+    """Per-step sampling arithmetic on ``(B, V)`` logits, times ``max_new_tokens`` tokens.
+
+    ``current`` is the engine's (inverse CDF); the stored ``profile_step.json`` predates this and has
+    ``current`` = ``torch.multinomial`` and ``inverse CDF instead of multinomial`` instead.
+    """
     logits = torch.randn(spec.batch_size, vocab, device=spec.device) * 3
     out = {}
     variants = (
         ("current", _sample_current),
         ("lean (one log-softmax)", _sample_lean),
-        ("inverse CDF instead of multinomial", _sample_inverse_cdf),
+        ("torch.multinomial (before 07b5d6f)", _sample_multinomial),
     )
     for name, fn in variants:
         gen = torch.Generator(device=spec.device).manual_seed(0)
@@ -505,7 +511,8 @@ def experiment_divergence(spec: BenchSpec, vocab: int, num_rows: int, repeats: i
         ).backward()
         return s.grad
 
-    default_rows = max(1, (2**22) // vocab)
+    # The library's default chunk (it was 2**22 elements when results/profile_step.json was stored).
+    default_rows = default_chunk_rows(vocab)
     variants: dict[str, Callable[[], torch.Tensor]] = {
         f"chunked, default ({default_rows} rows)": lambda: run_current(None),
     }

@@ -172,13 +172,15 @@ run-to-run noise; the ratio within one run is what to compare."""
 def vs_trl_block(results: Path = RESULTS) -> str:
     """The last vs-TRL run: one row per method, then the ratios and our phase medians."""
     data = load("vs_trl_final.json", results)
+    patches = data["runs"]["ours_recommended"][0]["patches"]
+    removed = " (2**20 elements; removed since, see §2)" if "small_chunks" in patches else ""
     s, labels = (
         data["summary"],
         {
             "ours": "**ours** (GKDAgent, as shipped then)",
             "trl_gkd": "TRL GKDTrainer",
             "trl_distillation": "TRL DistillationTrainer",
-            "ours_recommended": "ours + recommended changes (prototypes, §2)",
+            "ours_recommended": "ours + prototypes " + " + ".join(f"`{p}`" for p in patches) + removed,
         },
     )
     steps = sum(len(r["step_seconds"]) for r in data["runs"]["ours"])
@@ -201,7 +203,7 @@ def vs_trl_block(results: Path = RESULTS) -> str:
         "",
         f"Ratios: ours/GKDTrainer throughput **{_x(throughput_ratio(data))}**, peak RSS {_x(rss_ratio(data))}; "
         f"ours/DistillationTrainer throughput {_x(throughput_ratio(data, 'trl_distillation'))}, peak RSS "
-        f"{_x(rss_ratio(data, 'trl_distillation'))}; with the recommended changes "
+        f"{_x(rss_ratio(data, 'trl_distillation'))}; with the prototypes "
         f"{_x(rec['tokens_per_second'] / s['trl_gkd']['tokens_per_second'])} and "
         f"{_x(rec['tokens_per_second'] / s['trl_distillation']['tokens_per_second'])} throughput, peak RSS "
         f"{_x(rec['peak_rss_steps_mib'] / s['trl_gkd']['peak_rss_steps_mib'])} and "
@@ -302,7 +304,11 @@ def experiments_block(results: Path = RESULTS) -> str:
         e["divergence_step_shape"],
         e["teacher_token_logprobs"],
     )
-    cur, lean, icdf = smp["current"], smp["lean (one log-softmax)"], smp["inverse CDF instead of multinomial"]
+    # The stored JSON predates the engine-based sampling experiment: there "current" is torch.multinomial.
+    old = "inverse CDF instead of multinomial" in smp
+    cur = smp["current"] if old else smp["torch.multinomial (before 07b5d6f)"]
+    icdf = smp["inverse CDF instead of multinomial"] if old else smp["current"]
+    lean = smp["lean (one log-softmax)"]
     loop, foreach, fused = (
         opt["adamw for-loop (default on CPU)"],
         opt["adamw foreach=True"],
@@ -324,8 +330,9 @@ def experiments_block(results: Path = RESULTS) -> str:
             f"{cur['per_token_ms']:.2f} ms/token ({cur['median_seconds'] * 1000:.0f} ms/step; CPU `multinomial` draws B x V "
             f"exponentials) | inverse CDF (float64 cumsum + B uniforms + `searchsorted`): {icdf['per_token_ms']:.2f} ms/token "
             f"| **-{ms(cur['median_seconds'], icdf['median_seconds'])} ms/step** (applied in 07b5d6f) |",
-            f"| same, one log-softmax reused for sampling | {cur['per_token_ms']:.2f} ms/token | {lean['per_token_ms']:.2f} "
-            f"ms/token | -{ms(cur['median_seconds'], lean['median_seconds'])} ms/step (negligible) |",
+            f"| same, one log-softmax reused for sampling | {smp['current']['per_token_ms']:.2f} ms/token | "
+            f"{lean['per_token_ms']:.2f} ms/token | -{ms(smp['current']['median_seconds'], lean['median_seconds'])} "
+            "ms/step (negligible) |",
             f"| AdamW on the student ({opt['parameters'] / 1e6:.1f}M parameters) | for-loop (torch default on CPU): "
             f"{loop['median_seconds']:.3f} s, +{loop['peak_extra_rss_mib']:.0f} MiB temporaries | `foreach=True`: "
             f"{foreach['median_seconds']:.3f} s, +{foreach['peak_extra_rss_mib']:.0f} MiB; `fused=True`: "

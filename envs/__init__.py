@@ -1,7 +1,8 @@
 """Gymnasium environments for on-policy distillation; importing this module registers them.
 
 - ``rl_distill/TokenGeneration-v0``: ``gymnasium.make(ENV_ID, teacher=..., prompts=..., alpha=...,
-  reward=..., max_new_tokens=...)`` gives a :class:`TokenGenerationEnv`;
+  reward=..., beta_ext=..., teacher_temperature=..., max_new_tokens=...)`` gives a
+  :class:`TokenGenerationEnv`;
   ``gymnasium.make_vec(ENV_ID, num_envs=B, ...)`` a :class:`VectorTokenGenerationEnv` (its
   ``vector_entry_point``; pass ``vectorization_mode="sync"`` for ``B`` single copies instead).
 - :class:`SB3VecEnvAdapter` (``rl_distill.envs.sb3_adapter``, imported on first use) makes the

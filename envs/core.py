@@ -79,7 +79,7 @@ class EnvRewards:
         rewards: ``(B, T)`` per-token rewards, exactly what stepping the environment returns.
         teacher_logprobs: ``(B, T)`` ``log pT`` of each token (0 where masked).
         completion_mask: ``(B, T)`` True on real completion tokens.
-        external: ``(B,)`` external rewards ``r(x, y)``, or None (no reward, or ``alpha == 1``).
+        external: ``(B,)`` external rewards ``r(x, y)``, or None (no reward, or it has no weight).
     """
 
     rewards: Tensor
@@ -97,6 +97,9 @@ class TokenGenerationCore:
         num_rows: ``B``.
         alpha: weight of the distillation term (GKD Eq. 5), in [0, 1].
         reward: optional external reward ``(prompts, completions, **metadata) -> list[float]``.
+        beta_ext: reward extrapolation (G-OPD): rewards ``log pT`` per token plus ``beta_ext * r`` at
+            the end (>= 0, unbounded; needs ``alpha = 1``); None for Eq. 5's alpha form.
+        teacher_temperature: temperature of the teacher's log-probs in the rewards, > 0.
         max_new_tokens: ``N``, the episode's token budget.
         max_prompt_length: ``P``; default: the longest prompt of the source.
         chat_template: see :class:`rl_distill.rollout.PromptEncoder`.
@@ -115,6 +118,8 @@ class TokenGenerationCore:
         num_rows: int = 1,
         alpha: float = 1.0,
         reward: RewardSpec = None,
+        beta_ext: float | None = None,
+        teacher_temperature: float = 1.0,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,
@@ -127,6 +132,19 @@ class TokenGenerationCore:
         # Cheap argument checks first: a bad value fails before a model is loaded.
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if beta_ext is not None:
+            if isinstance(beta_ext, bool) or not isinstance(beta_ext, numbers.Real) or not beta_ext >= 0:
+                raise ValueError(f"beta_ext must be >= 0 (or None), got {beta_ext!r}")
+            if alpha != 1.0:
+                raise ValueError(
+                    f"beta_ext ({beta_ext}) replaces Eq. 5's alpha weighting: leave alpha at 1, got {alpha}"
+                )
+        if (
+            isinstance(teacher_temperature, bool)
+            or not isinstance(teacher_temperature, numbers.Real)
+            or not teacher_temperature > 0
+        ):
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if num_rows < 1:
@@ -134,6 +152,8 @@ class TokenGenerationCore:
         self.reward = resolve_reward(reward)
         if alpha == 0.0 and self.reward is None:
             raise ValueError("alpha=0 keeps only the external reward, but no reward was given")
+        if beta_ext and self.reward is None:
+            raise ValueError(f"beta_ext={beta_ext} weights an external reward, but no reward was given")
         self.examples = resolve_prompts(prompts, split=split)
         model, tokenizer = resolve_teacher(teacher, dtype=dtype, device=device)
         # The environment knows no student: the engine's student slot holds the teacher too, and
@@ -147,6 +167,8 @@ class TokenGenerationCore:
             stop_token_ids=stop_token_ids,
         )
         self.alpha = float(alpha)
+        self.beta_ext = None if beta_ext is None else float(beta_ext)
+        self.teacher_temperature = float(teacher_temperature)
         self.return_teacher_logprobs = return_teacher_logprobs
         self.layout = ObservationLayout(self._prompt_slots(max_prompt_length, max_new_tokens), max_new_tokens)
         self.scorer = self.engine.incremental_scorer()
@@ -179,6 +201,18 @@ class TokenGenerationCore:
                 f"teacher's context length {context}: shorten the prompts or lower max_new_tokens"
             )
         return slots
+
+    @property
+    def uses_reward(self) -> bool:
+        """Whether the external reward has weight (``alpha < 1`` or ``beta_ext > 0``) and is given."""
+        return self.reward is not None and (self.alpha < 1.0 or bool(self.beta_ext))
+
+    def _tempered(self, logprobs: Tensor) -> Tensor:
+        """Temperature-1 log-probs ``(..., V)`` -> log-probs at ``teacher_temperature``."""
+        if self.teacher_temperature == 1.0:
+            return logprobs
+        # log_softmax(log_softmax(z) / T) = log_softmax(z / T): the normaliser is a shift.
+        return torch.log_softmax(logprobs / self.teacher_temperature, dim=-1)
 
     @property
     def vocab_size(self) -> int:
@@ -268,8 +302,9 @@ class TokenGenerationCore:
             raise RuntimeError("call reset() before step()")
         acts = self._check_actions(actions)
         tokens = torch.as_tensor(acts, device=self.state.next_logprobs.device)
-        teacher_logp = self.scorer.token_logprobs(self.state, tokens).cpu()  # (B,) log pT(a_t | s_t)
-        full = self.state.next_logprobs.cpu().numpy() if self.return_teacher_logprobs else None  # (B, V)
+        next_logprobs = self._tempered(self.state.next_logprobs)  # (B, V) at teacher_temperature
+        teacher_logp = next_logprobs.gather(-1, tokens[:, None]).squeeze(-1).cpu()  # (B,) log pT(a_t | s_t)
+        full = next_logprobs.cpu().numpy() if self.return_teacher_logprobs else None  # (B, V)
 
         every = np.arange(self.num_rows)
         self.ids[every, self.layout.max_prompt_length + self.lengths] = acts
@@ -286,10 +321,13 @@ class TokenGenerationCore:
             torch.ones((self.num_rows, 1), dtype=torch.bool),
             self.alpha,
             None if external is None else torch.as_tensor(external, dtype=torch.float32),
+            beta_ext=self.beta_ext,
         )[:, 0]
         infos = []
         for row in range(self.num_rows):
             info: dict[str, Any] = {"teacher_logprob": float(teacher_logp[row]), "alpha": self.alpha}
+            if self.beta_ext is not None:
+                info["beta_ext"] = self.beta_ext
             if external is not None and done[row]:
                 info["external_reward"] = float(external[row])
             if full is not None:
@@ -301,7 +339,7 @@ class TokenGenerationCore:
 
     def _external_rewards(self, done: np.ndarray) -> np.ndarray | None:
         """One batched reward call for the rows that end now (None when the reward has no weight)."""
-        if self.reward is None or self.alpha == 1.0 or not done.any():
+        if not self.uses_reward or not done.any():
             return None
         ending = np.flatnonzero(done)
         examples = [self.rows[row][1] for row in ending]
@@ -334,9 +372,9 @@ class TokenGenerationCore:
     # ------------------------------------------------------------------ bulk
     def bulk_rewards(self, rollout: Rollout, *, examples: Sequence[Example] | None = None) -> EnvRewards:
         """Rewards of finished sequences with one teacher forward; equal to stepping token by token."""
-        self.engine.score(rollout)
+        self.engine.score(rollout, teacher_temperature=self.teacher_temperature)
         external = None
-        if self.reward is not None and self.alpha < 1.0:
+        if self.uses_reward:
             if examples is None:
                 examples = [self.example_for(text) for text in rollout.texts]
             if len(examples) != len(rollout):
@@ -344,7 +382,9 @@ class TokenGenerationCore:
             values = score_examples(self.reward, examples, self.engine.decode(rollout))
             external = torch.tensor(values, dtype=torch.float32)
         assert rollout.teacher_logprobs is not None
-        rewards = env_token_rewards(rollout.teacher_logprobs, rollout.completion_mask, self.alpha, external)
+        rewards = env_token_rewards(
+            rollout.teacher_logprobs, rollout.completion_mask, self.alpha, external, beta_ext=self.beta_ext
+        )
         return EnvRewards(rewards, rollout.teacher_logprobs, rollout.completion_mask, external)
 
     def rollout_from_tokens(

@@ -47,6 +47,16 @@ class _CoreAccessors:
         """Weight of the distillation term."""
         return self.core.alpha
 
+    @property
+    def beta_ext(self) -> float | None:
+        """Reward-extrapolation weight of the external reward (None: Eq. 5's alpha form)."""
+        return self.core.beta_ext
+
+    @property
+    def teacher_temperature(self) -> float:
+        """Temperature of the teacher's log-probs in the rewards."""
+        return self.core.teacher_temperature
+
 
 class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
     """Generate one completion token by token; the reward is the teacher's log-prob of each token.
@@ -73,16 +83,28 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
 
     ## Rewards
 
-    At step ``t``, ``alpha * log pT(a_t | s_t)`` (teacher at temperature 1); at the step that ends the
-    episode, plus ``(1 - alpha) * r(prompt, completion)`` from the optional external ``reward``
-    (called through :func:`rl_distill.rewards.registry.score_examples`, metadata from the prompt's Example).
-    Computed by :func:`rl_distill.objective.env_token_rewards`, the function agents use. The
-    student's own term ``-alpha * log pS(a_t | s_t)`` belongs to the agent. With ``alpha = 1`` the
-    reward is never called. ``info`` holds ``teacher_logprob`` (``log pT(a_t | s_t)``), ``alpha``,
-    ``external_reward`` (the raw ``r``, at the end only, when it has weight) and, with
-    ``return_teacher_logprobs=True``, ``teacher_logprobs``: the teacher's full ``(V,)`` float32
-    log-probs at ``s_t``, the distribution ``a_t`` was scored under. The reset info holds ``prompt``
-    and ``prompt_index`` (-1 for a prompt given as text that is not in the source).
+    At step ``t``, ``alpha * log pT(a_t | s_t)``; at the step that ends the episode, plus
+    ``(1 - alpha) * r(prompt, completion)`` from the optional external ``reward`` (called through
+    :func:`rl_distill.rewards.registry.score_examples`, metadata from the prompt's Example). With
+    ``beta_ext`` (reward extrapolation, G-OPD; needs ``alpha = 1``): ``log pT(a_t | s_t)`` per step
+    plus ``beta_ext * r`` at the end, ``beta_ext >= 0`` unbounded. Eq. 5 with ``alpha`` is the same
+    objective up to the positive scale ``alpha`` when ``beta_ext = (1 - alpha) / alpha``: its rewards
+    are ``alpha`` times these (see :mod:`rl_distill.objective`). Computed by
+    :func:`rl_distill.objective.env_token_rewards`, the function agents use. The student's own term
+    ``-alpha * log pS(a_t | s_t)`` (``-log pS`` with ``beta_ext``) belongs to the agent. When the
+    reward has no weight (``alpha = 1`` and no ``beta_ext > 0``) it is never called.
+
+    ``pT`` is the teacher's softmax at ``teacher_temperature`` (default 1.0, the teacher's own
+    distribution: the environment knows no student and so no sampling temperature). An agent that
+    samples at temperature ``tau`` and wants the teacher on the same footing, as GKD's divergence
+    and the ``reinforce``/``ppo`` agents by default, passes ``teacher_temperature=tau``.
+
+    ``info`` holds ``teacher_logprob`` (``log pT(a_t | s_t)``, at ``teacher_temperature``),
+    ``alpha``, ``beta_ext`` (only when given), ``external_reward`` (the raw ``r``, at the end only,
+    when it has weight) and, with ``return_teacher_logprobs=True``, ``teacher_logprobs``: the
+    teacher's full ``(V,)`` float32 log-probs at ``s_t`` (at ``teacher_temperature``), the
+    distribution ``a_t`` was scored under. The reset info holds ``prompt`` and ``prompt_index`` (-1
+    for a prompt given as text that is not in the source).
 
     ## Episode End
 
@@ -104,14 +126,17 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
     - ``prompts``: prompt strings, :class:`Example` s, a task name or a :class:`TaskData`.
     - ``reward`` (None): a callable ``(prompts, completions, **metadata)``, or a registered name,
       ``module:function`` or spec dict (:func:`rl_distill.rewards.registry.resolve_reward`).
-    - ``alpha`` (1.0), ``max_new_tokens`` (32), ``max_prompt_length`` (default:
+    - ``alpha`` (1.0), ``beta_ext`` (None), ``teacher_temperature`` (1.0), ``max_new_tokens`` (32),
+      ``max_prompt_length`` (default:
       the longest prompt), ``chat_template``, ``stop_token_ids``, ``return_teacher_logprobs``,
       ``split`` (``"train"``; a task's split), ``dtype``/``device`` (teacher loaded by name),
       ``render_mode`` (None or ``"ansi"``).
 
     Bad arguments fail at construction with the argument named: an unknown teacher, an empty prompt
-    source, ``alpha`` outside [0, 1], ``alpha = 0`` without a reward, a prompt longer than
-    ``max_prompt_length`` or prompts that with ``N`` new tokens exceed the teacher's context.
+    source, ``alpha`` outside [0, 1], ``alpha = 0`` without a reward, a negative ``beta_ext``,
+    ``beta_ext`` with ``alpha != 1``, ``beta_ext > 0`` without a reward, ``teacher_temperature <= 0``,
+    a prompt longer than ``max_prompt_length`` or prompts that with ``N`` new tokens exceed the
+    teacher's context.
 
     ## Version History
 
@@ -128,6 +153,8 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
         *,
         alpha: float = 1.0,
         reward: RewardSpec = None,
+        beta_ext: float | None = None,
+        teacher_temperature: float = 1.0,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,
@@ -148,6 +175,8 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
             num_rows=1,
             alpha=alpha,
             reward=reward,
+            beta_ext=beta_ext,
+            teacher_temperature=teacher_temperature,
             max_new_tokens=max_new_tokens,
             max_prompt_length=max_prompt_length,
             chat_template=chat_template,
@@ -203,7 +232,8 @@ class TokenGenerationEnv(_CoreAccessors, gym.Env[Observation, np.int64]):
         Args:
             rollout: prompts and completions, e.g. from ``engine.generate`` (on-policy student samples)
                 or :meth:`rollout_from_tokens`; encoded like this environment's prompts. Its
-                ``teacher_logprobs`` are (re)computed with this environment's teacher.
+                ``teacher_logprobs`` are (re)computed with this environment's teacher, at its
+                ``teacher_temperature``.
             examples: the Examples of the prompts (reward metadata); default: looked up by prompt text
                 in the prompt source.
 
@@ -265,6 +295,8 @@ class VectorTokenGenerationEnv(_CoreAccessors, VectorEnv):
         *,
         alpha: float = 1.0,
         reward: RewardSpec = None,
+        beta_ext: float | None = None,
+        teacher_temperature: float = 1.0,
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         chat_template: bool | None = None,
@@ -280,6 +312,8 @@ class VectorTokenGenerationEnv(_CoreAccessors, VectorEnv):
             num_rows=num_envs,
             alpha=alpha,
             reward=reward,
+            beta_ext=beta_ext,
+            teacher_temperature=teacher_temperature,
             max_new_tokens=max_new_tokens,
             max_prompt_length=max_prompt_length,
             chat_template=chat_template,

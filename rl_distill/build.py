@@ -3,7 +3,8 @@
 :func:`build_run` builds, in this order (the order fixes the random streams): the process group,
 the seed, the task, the models (tokenizers checked first), the rollout engine, the prompt-length
 check, the evaluation reward, the optimizer, the agent (which adds its own parameters to the
-optimizer), the learning-rate scheduler, and the DDP wrap. The trainer (:mod:`rl_distill.trainer`)
+optimizer), the learning-rate scheduler, the DDP wrap, and the curriculum sampler
+(``train.curriculum``; its own generator, seeded ``train.seed``, so no other stream moves). The trainer (:mod:`rl_distill.trainer`)
 only runs the loop over what it returns; ``rl-distill eval`` uses :func:`build_components` (no
 optimizer, no agent) with :func:`rl_distill.evaluation.evaluate`; ``env-check`` uses
 :func:`env_kwargs`.
@@ -25,7 +26,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.agents import AGENTS, Agent
-from rl_distill.config import TASK_EVAL_REWARDS, Config
+from rl_distill.config import TASK_EVAL_REWARDS, Config, ConfigError
+from rl_distill.curriculum import CurriculumSampler
 from rl_distill.distributed import Distributed, resolve_device
 from rl_distill.envs import ENV_ID  # importing the envs registers the Gymnasium ids
 from rl_distill.models import (
@@ -49,6 +51,7 @@ __all__ = [
     "agent_tensors",
     "build_agent",
     "build_components",
+    "build_curriculum",
     "build_eval_reward",
     "build_models",
     "build_run",
@@ -164,6 +167,8 @@ class Run:
         generator: the agent's sampling generator (seeded ``train.seed + rank``).
         agent: the configured agent.
         scheduler: the learning-rate scheduler (built after the agent, so it drives its groups too).
+        curriculum: the sampler of training-example indices (``train.curriculum``), or None for the
+            trainer's uniform shuffle.
     """
 
     config: Config
@@ -178,6 +183,7 @@ class Run:
     generator: torch.Generator | None = None
     agent: Agent | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    curriculum: CurriculumSampler | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -245,7 +251,25 @@ def build_run(config: Config, *, models: Models | None = None, task: TaskData | 
     )
     if dist.enabled:  # wrap after the agent is built: it may read the plain model's config
         run.engine.student = run.agent.student = dist.wrap_student(student)
+    run.curriculum = build_curriculum(config, run.task)
     return run
+
+
+def build_curriculum(config: Config, task: TaskData) -> CurriculumSampler | None:
+    """The curriculum sampler over ``task.train`` (``train.curriculum``), seeded ``train.seed``; None when off.
+
+    The same on every process (same seed, same examples), so they draw the same global batches.
+
+    Raises:
+        ConfigError: ``train.curriculum.difficulty`` names no numeric metadata field of the examples.
+    """
+    cc = config.train.curriculum_config
+    if cc is None:
+        return None
+    try:
+        return CurriculumSampler.from_examples(task.train, cc, seed=config.train.seed)
+    except ValueError as err:
+        raise ConfigError(f"train.curriculum.{err}") from None
 
 
 def build_agent(run: Run) -> Agent:
@@ -307,7 +331,8 @@ def env_kwargs(config: Config, num_prompts: int) -> dict[str, Any]:
         "teacher": (teacher.eval().requires_grad_(False), tokenizer),
         # Examples rather than strings: their metadata (answers, fact tables) reaches the reward.
         "prompts": list(task.train[:num_prompts]),
-        "alpha": agent.alpha,
+        # The environment has no notion of training progress: a scheduled alpha enters at its start value.
+        "alpha": agent.schedules["alpha"].at(0.0),
         "reward": resolve_reward(agent.reward),
         "max_new_tokens": agent.max_new_tokens,
     }

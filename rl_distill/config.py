@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,10 @@ class TrainConfig:
     """A fresh run into an ``output_dir`` holding another run moves that run aside (else it is refused)."""
     allow_code_rewards: bool = False
     """Allow rewards given as ``module:function`` (they import and run that code); the CLI's ``--allow-code``."""
+    curriculum: dict[str, Any] | None = None
+    """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
+    difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
+    ``rl_distill.curriculum.CurriculumConfig`` field; deterministic under ``seed``, resumed exactly."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "keep_last", "max_consecutive_skips"):
@@ -176,6 +181,7 @@ class TrainConfig:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm: must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        self.curriculum_config = curriculum_config(self.curriculum)
         out = Path(self.output_dir).expanduser()
         self.output_dir = str(out)
         # The first part of the path that exists must be a folder, or nothing can be written below it.
@@ -183,6 +189,19 @@ class TrainConfig:
         if existing is not None and not existing.is_dir():
             where = "is" if existing == out else f"is inside {str(existing)!r}, which is"
             raise ConfigError(f"output_dir: {str(out)!r} {where} an existing file, not a folder")
+
+
+def curriculum_config(spec: dict[str, Any] | None) -> Any:
+    """A :class:`~rl_distill.curriculum.CurriculumConfig` from ``train.curriculum`` (None when off).
+
+    Whether ``difficulty`` exists in the task's examples is checked when the run is built.
+
+    Raises:
+        ConfigError: ``curriculum.<key>: ...`` for an unknown key, a wrong type or a value out of range.
+    """
+    from rl_distill.curriculum import CurriculumConfig
+
+    return None if spec is None else build_dataclass(CurriculumConfig, spec, "curriculum")
 
 
 #: The reward evaluation uses for a task when ``eval.reward`` is ``auto`` and the agent has none.
@@ -375,7 +394,8 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, section: str) -> A
         raise ConfigError(f"{section}.{err}") from None
     except ValueError as err:
         msg = str(err)
-        name = msg.split(" ", 1)[0]
+        # "beta must be ...", "alpha: value ..." and "reject.loop_repeats: ..." all start with a field.
+        name = re.split(r"[ .:]", msg, maxsplit=1)[0]
         raise ConfigError(f"{section}.{msg}" if name in known else f"{section}: {msg}") from None
 
 

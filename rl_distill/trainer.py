@@ -1,7 +1,15 @@
 """The training loop around ``agent.update()``: evaluate, train, checkpoint, save.
 
-One step: the next batch of prompts (this process's shard of the global batch), ``agent.update``,
-the scheduler, then logging, periodic evaluation and checkpoints. Every part of a run is built by
+One step: the next batch of prompts (this process's shard of the global batch), the training
+progress for the agent's schedules (``agent.set_progress(step, train.steps)``), ``agent.update``,
+the scheduler, then logging, periodic evaluation and checkpoints.
+
+Batches come from a uniform shuffle (epochs without replacement), or, with ``train.curriculum``,
+from a :class:`~rl_distill.curriculum.CurriculumSampler` at progress ``step / train.steps``; when the
+agent measures per-example values (``agent.example_scores``, e.g. GKD's Eq. 2 divergence) and the
+curriculum weighs measured difficulty, they are fed back with ``sampler.update``. The sampler's
+state is part of the checkpoint (``trainer_state["curriculum"]``), so a resumed run draws the same
+batches. Scheduled agent values follow from the step alone, so they resume exactly too. Every part of a run is built by
 :func:`rl_distill.build.build_run`; checkpointing lives in :mod:`rl_distill.checkpoint`, evaluation
 in :mod:`rl_distill.evaluation`, multi-process plumbing in :mod:`rl_distill.distributed`.
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import signal
 import threading
@@ -164,6 +173,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.run_id: str | None = None
         self._order: list[int] = []
+        self._indices: list[int] = []  # the global batch's example indices (curriculum)
+        self.curriculum = run.curriculum
         self._sigint = threading.Event()
 
     @property
@@ -185,6 +196,10 @@ class Trainer:
         with an N times larger batch.
         """
         bs, world = self.config.train.batch_size, self.dist.world_size
+        if self.curriculum is not None:
+            self._indices = self.curriculum.next_indices(self.step, self.config.train.steps, bs * world)
+            mine = self._indices[self.dist.rank * bs : (self.dist.rank + 1) * bs]
+            return [self.task.train[i] for i in mine]
         batch = []
         while len(batch) < bs * world:
             if not self._order:
@@ -263,18 +278,40 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
-        """One ``agent.update`` on the next batch, then the scheduler; returns the step's metrics."""
-        skipped_before = self.agent.skipped_steps
-        stats = self.dist.reduce_stats(self.agent.update(self.next_batch()))
+        """One ``agent.update`` on the next batch, then the scheduler; returns the step's metrics.
+
+        ``train/skipped`` (from the agent) is 1 when the optimizer did not step: a non-finite loss or
+        gradient (``train/skipped_steps``, guarded by ``train.max_consecutive_skips``) or nothing left
+        to train on after rejection (``train/empty_steps``, not an error). The learning-rate schedule
+        advances only with the optimizer; the agent's value schedules follow the step.
+        """
+        skipped_before, empty_before = self.agent.skipped_steps, self.agent.empty_steps
+        batch = self.next_batch()
+        self.agent.set_progress(self.step, self.config.train.steps)
+        stats = self.dist.reduce_stats(self.agent.update(batch))
+        self._feed_curriculum()
         skipped = self.agent.skipped_steps > skipped_before
-        if not skipped:  # the schedule follows the updates that happened
+        if not skipped and self.agent.empty_steps == empty_before:  # the LR follows the optimizer steps
             self.scheduler.step()
         self.step += 1
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        stats.update(self.agent.schedule_metrics())
         stats["train/lr"] = self.scheduler.get_last_lr()[0]
         stats["train/skipped_steps"] = float(self.agent.skipped_steps)
+        if self.agent.sample_filter is not None:
+            stats["train/empty_steps"] = float(self.agent.empty_steps)
         stats["time/tokens_per_s"] = stats.get("time/tokens", 0.0) / max(stats.get("time/step", 1e-9), 1e-9)
         return stats
+
+    def _feed_curriculum(self) -> None:
+        """Give the curriculum the agent's per-example measurements of the last batch (every process's)."""
+        sampler, scores = self.curriculum, self.agent.example_scores
+        if sampler is None or scores is None or sampler.config.measured_weight == 0:
+            return
+        values = [v for part in self.dist.gather(list(scores)) for v in part]  # rank order = index order
+        pairs = [(i, v) for i, v in zip(self._indices, values) if math.isfinite(v)]
+        if pairs:
+            sampler.update([i for i, _ in pairs], [v for _, v in pairs])
 
     def _after_step(self, stats: dict[str, float]) -> None:
         """Periodic checkpoint; stop (after a checkpoint) on Ctrl-C or too many skipped steps in a row."""
@@ -413,9 +450,12 @@ class Trainer:
                 "batch_rng": self.batch_rng.getstate(),
                 "order": list(self._order),
                 "skipped_steps": self.agent.skipped_steps,
+                "empty_steps": self.agent.empty_steps,
                 "consecutive_skips": self.consecutive_skips,
                 "before": self.before,
             }
+            if self.curriculum is not None:
+                state["curriculum"] = self.curriculum.state_dict()
             config = self.config.to_dict()
             ckpt.save_checkpoint(
                 self.checkpoint_root,
@@ -502,6 +542,9 @@ class Trainer:
         self.batch_rng.setstate(ckpt.tuplify(state["batch_rng"]))
         self._order = list(state["order"])
         self.agent.skipped_steps = int(state["skipped_steps"])
+        self.agent.empty_steps = int(state.get("empty_steps", 0))
+        if self.curriculum is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
         self.consecutive_skips = int(state["consecutive_skips"])
         self.before = state["before"]
         self.step = int(state["step"])

@@ -155,37 +155,108 @@ def test_fused_jsd_sequence_reduction_with_mask_matches_the_library():
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_inverse_cdf_sampling_patch_samples_the_distribution_and_undoes():
-    original = torch.multinomial
-    undo = apply_patches(["inverse_cdf_sampling"])
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    """Class names of the autograd nodes behind ``t``."""
+    names, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_fused_jsd_patch_gives_the_agents_loss_and_gradient(monkeypatch):
+    """The patched GKD agent takes the fused path and gets the unpatched loss and gradient."""
+    import rl_distill.agents.gkd as gkd
+    import rl_distill.divergences as div
+    from rl_distill.rollout import RolloutEngine
+    from rl_distill.tasks import Example
+
+    teacher, student, tokenizer = H.build_models("tiny", 2)
+    engine = RolloutEngine(student, teacher, tokenizer)
+    config = gkd.GKDConfig(divergence="jsd", beta=0.3, lmbda=1.0, max_new_tokens=6, temperature=0.7)
+    agent = gkd.GKDAgent(engine, torch.optim.SGD(student.parameters(), lr=0.0), config,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rollouts, _ = agent.collect([Example(prompt=p) for p in ("abc", "hello there", "x", "12 + 3")])
+    vocab = rollouts[0].teacher_logits.shape[-1]
+    # Several chunks per rollout, and both paths must follow the library's default chunk.
+    monkeypatch.setattr(div, "DEFAULT_CHUNK_ELEMENTS", 3 * vocab)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
+        student.zero_grad(set_to_none=True)
+        loss, _ = agent.loss(rollouts)
+        nodes = _graph_nodes(loss)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters()], nodes
+
+    ref_loss, ref_grads, ref_nodes = loss_and_grads()
+    undo = apply_patches(["fused_jsd"])
     try:
-        assert torch.multinomial is not original
-        probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]]).expand(5000, 4).contiguous()
-        gen = torch.Generator().manual_seed(0)
-        draws = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
-        assert freq[1] == 0  # a zero-probability token is never drawn
-        torch.testing.assert_close(freq, probs[0], atol=0.03, rtol=0)
-        assert torch.multinomial(probs[:2], 2).shape == (2, 2)  # other calls pass through
+        loss, grads, nodes = loss_and_grads()
     finally:
         undo()
-    assert torch.multinomial is original
+    assert gkd.divergence is div.divergence  # undone
+    assert "_ChunkedRowsBackward" in ref_nodes and "FusedGradJSDBackward" not in ref_nodes
+    assert "FusedGradJSDBackward" in nodes and "_ChunkedRowsBackward" not in nodes  # the patch fired
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_jsd_default_chunk_is_the_librarys(monkeypatch):
+    import rl_distill.divergences as div
+    from benchmarks._patches import default_chunk_rows
+
+    assert default_chunk_rows(49152) == div.DEFAULT_CHUNK_ELEMENTS // 49152
+    monkeypatch.setattr(div, "DEFAULT_CHUNK_ELEMENTS", 2**20)
+    assert default_chunk_rows(49152) == 21 and default_chunk_rows(2**21) == 1
+
+
+def test_fused_jsd_patch_leaves_other_calls_to_the_library():
+    import rl_distill.agents.gkd as gkd
+    from rl_distill.divergences import generalized_jsd
+
+    torch.manual_seed(2)
+    t0, s0, mask = torch.randn(2, 4, 11), torch.randn(2, 4, 11), torch.ones(2, 4, dtype=torch.bool)
+    undo = apply_patches(["fused_jsd"])
+    try:
+        t, s = t0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        out = gkd.divergence("jsd", t, s, mask, beta=0.5, reduction="sequence")  # a teacher with grad
+        assert "FusedGradJSDBackward" not in _graph_nodes(out)
+        out.sum().backward()
+        assert t.grad is not None and t.grad.abs().sum() > 0
+        s64 = s0.double().requires_grad_(True)  # float64 stays float64, as in the library
+        got = gkd.divergence("jsd", t0.double(), s64, mask, beta=0.5, reduction="batch")
+        assert got.dtype == torch.float64 and "FusedGradJSDBackward" in _graph_nodes(got)
+        torch.testing.assert_close(got, generalized_jsd(t0.double(), s0.double(), mask, beta=0.5))
+        with pytest.raises(ValueError, match="shape"):
+            gkd.divergence("jsd", t0, s0[..., :5], mask)
+    finally:
+        undo()
+
+
+def test_fused_grad_jsd_backward_runs_once():
+    t, s = torch.randn(1, 3, 7), torch.randn(1, 3, 7, requires_grad=True)
+    loss = fused_jsd(t, s, torch.ones(1, 3, dtype=torch.bool), beta=0.5, reduction="batch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_removed_patches_are_unknown():
+    for name in ("inverse_cdf_sampling", "small_chunks"):
+        with pytest.raises(ValueError, match="unknown patch"):
+            apply_patches([name])
 
 
 def test_ours_recommended_runs():
-    res = run_method("ours_recommended", TINY)
-    assert res["method"] == "ours_recommended" and res["patches"]
-    assert len(res["step_seconds"]) == TINY.steps
-    assert torch.multinomial.__module__ == "torch"  # undone after the run
-
-
-def test_small_chunks_patch_sets_and_restores_the_chunk():
+    import rl_distill.agents.gkd as gkd
     import rl_distill.divergences as div
 
-    before = div.DEFAULT_CHUNK_ELEMENTS
-    undo = apply_patches(["small_chunks"])
-    try:
-        assert div.DEFAULT_CHUNK_ELEMENTS == 2**20
-    finally:
-        undo()
-    assert div.DEFAULT_CHUNK_ELEMENTS == before
+    res = run_method("ours_recommended", TINY)
+    assert res["method"] == "ours_recommended" and res["patches"] == ["fused_jsd"]
+    assert len(res["step_seconds"]) == TINY.steps
+    assert gkd.divergence is div.divergence  # undone after the run

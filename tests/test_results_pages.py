@@ -527,3 +527,17 @@ def test_performance_chunk_default_matches_the_library():
     assert div.DEFAULT_CHUNK_ELEMENTS == 2**19  # the page's "current default"; re-measure when it changes
     v = bench("divergence_memory.json")["shape"]["V"]
     assert div.DEFAULT_CHUNK_ELEMENTS // v == 10  # the `chunked:10` variant is the current default's chunk
+
+
+def test_performance_raw_rows_name_only_patches_that_ran():
+    """``inverse_cdf_sampling`` did something only before 07b5d6f (``vs_trl.json``); rows that name it
+    after that were deleted (issue #12), and no row names a patch that never existed."""
+    before_07b5d6f = {"vs_trl.json"}
+    known = {"fused_jsd", "small_chunks", "inverse_cdf_sampling"}  # small_chunks: 2**20 vs the then 2**22
+    for path in sorted(BENCH.glob("*.json")):
+        for runs in json.loads(path.read_text(encoding="utf-8")).get("runs", {}).values():
+            for run in runs if isinstance(runs, list) else []:
+                patches = set(run.get("patches", []))
+                assert patches <= known, (path.name, patches)
+                if "inverse_cdf_sampling" in patches:
+                    assert path.name in before_07b5d6f, path.name

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -165,3 +167,92 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     # 4 standard errors of a frequency near 0.5 with 20000 draws is about 0.014
     torch.testing.assert_close(freq, probs[0].double(), atol=0.015, rtol=0)
     assert freq[1] == 0 and (draws[:, 1] == 3).all()  # zero-probability tokens are never drawn
+
+
+def plain_logits(model, rollout, vocab):
+    """Reference logits ``(B, T, V)`` at the completion positions from one full forward, no cache."""
+    with torch.no_grad():
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    p = rollout.prompt_ids.shape[1]
+    return logits[:, p - 1 : -1, :vocab].double()
+
+
+def hand_filtered_logprobs(logits, ids, mask, temperature, top_k=0, top_p=1.0):
+    """The sampled distribution's log-prob of each token, by hand: sort, cut, renormalise (python loops)."""
+    out = torch.zeros(ids.shape, dtype=torch.float64)
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if not mask[b, t]:
+                continue
+            z = (logits[b, t] / temperature).tolist()
+            order = sorted(range(len(z)), key=lambda i: -z[i])
+            kept = order[:top_k] if top_k else order
+            if top_p < 1.0:
+                probs = torch.tensor([z[i] for i in kept], dtype=torch.float64).softmax(0).tolist()
+                mass, nucleus = 0.0, []
+                for i, pr in zip(kept, probs):
+                    if nucleus and mass >= top_p:
+                        break
+                    nucleus.append(i)
+                    mass += pr
+                kept = nucleus
+            tok = int(ids[b, t])
+            assert tok in kept, "a sampled token must be in the kept set"
+            out[b, t] = z[tok] - torch.tensor([z[i] for i in kept], dtype=torch.float64).logsumexp(0)
+    return out
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 3, 1.0), (1.0, 0, 0.6), (1.3, 8, 0.9)])
+def test_logprobs_are_those_of_the_filtered_distribution_sampled(
+    engine, student, tokenizer, temperature, top_k, top_p
+):
+    from rl_distill.rollout.engine import filtered_logprobs
+
+    cfg = SamplingConfig(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p)
+    r = engine.generate(PROMPTS * 2, cfg, generator=torch.Generator().manual_seed(3))
+    logits = plain_logits(student, r, len(tokenizer))  # (B, T, V)
+    mask = r.completion_mask
+    hand = hand_filtered_logprobs(logits, r.completion_ids, mask, temperature, top_k, top_p)
+    torch.testing.assert_close(r.logprobs.double(), hand, atol=1e-5, rtol=0)
+    # The shared helper gives the same numbers from full-forward logits (what agents differentiate).
+    helper = filtered_logprobs(logits, r.completion_ids, temperature, top_k, top_p) * mask
+    torch.testing.assert_close(helper, hand, atol=1e-10, rtol=0)
+    # Renormalised over fewer tokens: strictly above the unfiltered log-probs somewhere.
+    unfiltered = (logits / temperature).log_softmax(-1).gather(-1, r.completion_ids[..., None])[..., 0] * mask
+    assert (hand >= unfiltered - 1e-9).all() and (hand > unfiltered + 1e-3).any()
+
+
+def test_filtered_logprobs_keep_the_given_token_finite_and_differentiable():
+    from rl_distill.rollout.engine import filtered_logprobs
+
+    logits = torch.tensor([[[3.0, 2.0, 1.0, 0.0]]], requires_grad=True)  # (1, 1, 4)
+    kept = filtered_logprobs(logits, torch.tensor([[1]]), top_k=2)
+    torch.testing.assert_close(kept, torch.tensor([[2.0 - math.log(math.exp(3) + math.exp(2))]]))
+    # A token outside the top-k (padding after EOS, a tie that flips) is kept, not -inf.
+    outside = filtered_logprobs(logits, torch.tensor([[3]]), top_k=2)
+    torch.testing.assert_close(outside, torch.tensor([[0.0 - math.log(math.exp(3) + math.exp(2) + 1)]]))
+    (grad,) = torch.autograd.grad((kept + outside).sum(), logits)
+    assert torch.isfinite(grad).all() and grad[0, 0, 2] == 0.0  # a dropped token gets no gradient
+    # No filter: the plain tempered log-softmax.
+    plain = filtered_logprobs(logits, torch.tensor([[2]]), temperature=2.0)
+    torch.testing.assert_close(plain, (logits / 2.0).log_softmax(-1)[..., 2])
+
+
+@pytest.mark.parametrize("teacher_temperature", [0.5, 2.0])
+def test_teacher_logprobs_at_the_teacher_temperature(engine, teacher, tokenizer, teacher_temperature):
+    r = engine.generate(PROMPTS, SamplingConfig(max_new_tokens=8), generator=torch.Generator().manual_seed(2))
+    ref = plain_logits(teacher, r, len(tokenizer))  # (B, T, V)
+    scored = engine.score(r, teacher_output="full", teacher_temperature=teacher_temperature)
+    want = (ref / teacher_temperature).log_softmax(-1).gather(-1, r.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(scored.teacher_logprobs.double(), want * r.completion_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored.teacher_logits.double(), ref, atol=1e-4, rtol=0)  # full logits: raw
+    topk = engine.score(r, teacher_output="topk", top_k=4, teacher_temperature=teacher_temperature)
+    torch.testing.assert_close(
+        topk.teacher_topk_logprobs.double(),
+        (ref / teacher_temperature).log_softmax(-1).topk(4).values,
+        atol=1e-5,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        engine.score(r, teacher_temperature=0.0)

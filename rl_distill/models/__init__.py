@@ -18,6 +18,7 @@ from rl_distill.models.loading import (
     resolve_dtype,
     resolve_model_path,
 )
+from rl_distill.models.process_lm import ProcessLM as ProcessLM
 from rl_distill.models.students import (
     evenly_spaced_layers,
     find_decoder_layers,

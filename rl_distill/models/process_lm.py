@@ -6,23 +6,25 @@ bias exists by construction and every metric can be computed exactly. :class:`Pr
 teacher, as a Hugging Face ``PreTrainedModel``: the whole toolkit (rollout engine, incremental
 scorer, agents) runs on it unchanged.
 
-The process (the tutorial's "bimodal teacher", with a repair rule):
+The process (the tutorial's "bimodal teacher": two equally valid phrasings):
 
 - The completion starts after the first ``sep_token_id`` (the end of the prompt); before it, the
   model is uniform.
 - Two (or more) phrasings ("modes"): phrase ``m`` repeats its token cycle ``phrases[m]`` forever.
-  On an empty completion the teacher starts phrase ``m`` with probability ``mode_probs[m]``.
-- The *edited text* of a completion is what remains when every ``repair_token_id`` undoes the
-  completion back to its longest valid prefix (a prefix of some phrase); on a valid text it does
-  nothing.
-- While the edited text is a prefix of a phrase, the teacher continues that phrase. Once it is not
-  (a mistake), the only correct continuation is the repair token, until the edited text is again a
-  prefix of a phrase. The teacher itself never makes the mistake, so it never visits those states.
+  The first completion token chooses the phrase: the teacher emits phrase ``m``'s first token with
+  probability ``mode_probs[m]``.
+- At completion position ``t`` the correct token is token ``t`` of the chosen phrase, *whatever
+  the tokens in between were*: the teacher knows what it means to say and says it in order. After
+  a mistake at position ``k`` (a prefix the teacher never produces) the correct continuation is
+  still the phrase at ``k + 1, k + 2, ...``: skip the wrong token and go on. If the first token
+  chose no phrase, every phrase stays possible (the rule mixes them with ``mode_probs``).
 - Every probability is smoothed: ``p = (1 - floor) * rule + floor / V``; KLs stay finite.
 
-A student trained only on teacher prefixes has never seen a repair, so after its own first mistake
-each later step is wrong too (error ``O(eps T^2)``); a student trained on its own prefixes learns to
-repair (``O(eps T)``).
+The phrases are cycles that share their tokens in different orders (``abcdef`` and ``fedcba``), so
+on teacher prefixes "continue from the last token in the phrase's direction" is right every time.
+A student trained only there (off-policy) continues from its own mistake instead of skipping it,
+so it is out of phase, and wrong, at every later step: error ``O(eps T^2)``. A student trained on
+its own prefixes (on-policy) is taught to skip the mistake: error ``O(eps T)``.
 
 The "KV cache" is a :class:`~transformers.DynamicCache` whose one layer holds the token ids seen so
 far (as a ``(B, 1, C, 1)`` float tensor): the next-token distribution is recomputed from the ids,
@@ -51,7 +53,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-#: Scanner state: ``None`` before the separator, else ``(stack depth, bitmask of modes still valid)``.
+#: Scanner state: ``None`` before the separator, else ``(position t, bitmask of the phrases still chosen)``.
 State = tuple[int, int] | None
 
 
@@ -63,7 +65,6 @@ class ProcessLMConfig(PretrainedConfig):
         phrases: one token cycle per mode; phrase ``m`` at completion index ``i`` is
             ``phrases[m][i % len(phrases[m])]``. First tokens must differ between modes.
         mode_probs: probability of starting each phrase (default uniform).
-        repair_token_id: the repair ("undo") token.
         sep_token_id: the token that ends the prompt.
         floor: total probability spread uniformly over the vocabulary, in ``[0, 1)``.
         max_position_embeddings: context length reported to the rollout engine.
@@ -74,8 +75,7 @@ class ProcessLMConfig(PretrainedConfig):
     vocab_size: int = 12
     phrases: list[list[int]] | None = None
     mode_probs: list[float] | None = None
-    repair_token_id: int = 10
-    sep_token_id: int = 11
+    sep_token_id: int = 10
     floor: float = 1e-5
     max_position_embeddings: int = 4096
     num_hidden_layers: int = 1
@@ -99,11 +99,10 @@ class ProcessLMConfig(PretrainedConfig):
         firsts = [p[0] for p in self.phrases]
         if len(set(firsts)) != len(firsts):
             raise ValueError(f"phrases must start with different tokens, got first tokens {firsts}")
-        special = {self.repair_token_id, self.sep_token_id}
         for p in self.phrases:
-            if special & set(p) or not all(0 <= t < self.vocab_size for t in p):
+            if self.sep_token_id in p or not all(0 <= t < self.vocab_size for t in p):
                 raise ValueError(
-                    f"phrase {p} must use ids in [0, {self.vocab_size}) other than the repair/sep ids {special}"
+                    f"phrase {p} must use ids in [0, {self.vocab_size}) other than the separator {self.sep_token_id}"
                 )
         if len(self.mode_probs) != len(self.phrases):
             raise ValueError(f"mode_probs needs one entry per phrase, got {self.mode_probs}")
@@ -111,8 +110,8 @@ class ProcessLMConfig(PretrainedConfig):
             raise ValueError(f"mode_probs must be >= 0 and sum to 1, got {self.mode_probs}")
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor must be in [0, 1), got {self.floor}")
-        if not (0 <= self.repair_token_id < self.vocab_size and 0 <= self.sep_token_id < self.vocab_size):
-            raise ValueError("repair_token_id and sep_token_id must be valid ids")
+        if not 0 <= self.sep_token_id < self.vocab_size:
+            raise ValueError(f"sep_token_id must be in [0, {self.vocab_size}), got {self.sep_token_id}")
 
     @property
     def num_modes(self) -> int:
@@ -129,42 +128,29 @@ class ProcessLMConfig(PretrainedConfig):
 # The process itself: a left-to-right scan over one row of token ids.
 # ---------------------------------------------------------------------------------------------
 class _Scanner:
-    """Edited-text state of one completion: per token, the bitmask of the modes the text up to it is a prefix of."""
+    """State of one row, token by token: the completion position and the phrase its first token chose."""
 
     def __init__(self, config: ProcessLMConfig) -> None:
         self.config = config
         self.all_modes = (1 << config.num_modes) - 1
-        self.stack: list[int] = []  # mode masks, one per token of the edited text
-        self.started = False
+        self.firsts = {p[0]: m for m, p in enumerate(config.phrases)}
+        self.position = -1  # -1: still in the prompt
+        self.modes = self.all_modes
 
     def push(self, token: int) -> None:
         """Feed one token (a prompt token before the separator, else a completion token)."""
-        cfg = self.config
-        if not self.started:
-            self.started = token == cfg.sep_token_id
+        if self.position < 0:
+            if token == self.config.sep_token_id:
+                self.position = 0
             return
-        if token == cfg.repair_token_id:
-            # Undo back to the longest valid prefix (a no-op on a valid edited text).
-            while self.stack and self.stack[-1] == 0:
-                self.stack.pop()
-            return
-        depth, mask = len(self.stack), self.stack[-1] if self.stack else self.all_modes
-        new = 0
-        for m in range(cfg.num_modes):
-            if mask >> m & 1:
-                cycle = cfg.phrases[m]
-                if cycle[depth % len(cycle)] == token:
-                    new |= 1 << m
-        self.stack.append(new)
+        if self.position == 0 and token in self.firsts:
+            self.modes = 1 << self.firsts[token]
+        self.position += 1
 
     @property
     def state(self) -> State:
         """Hashable state that determines the next-token rule."""
-        if not self.started:
-            return None
-        if not self.stack:
-            return (0, self.all_modes)
-        return (len(self.stack), self.stack[-1])
+        return None if self.position < 0 else (self.position, self.modes)
 
 
 def rule_distribution(config: ProcessLMConfig, state: State) -> dict[int, float]:
@@ -172,21 +158,18 @@ def rule_distribution(config: ProcessLMConfig, state: State) -> dict[int, float]
 
     Args:
         config: the process.
-        state: from the scanner: None (inside the prompt: uniform), or ``(depth, modes)``: the
-            edited text has ``depth`` tokens and is a prefix of the phrases in the bitmask ``modes``
-            (0: of none, a mistake to repair).
+        state: None (inside the prompt: uniform), or ``(t, modes)``: the next token is completion
+            token ``t`` of one of the phrases in the bitmask ``modes``, chosen with ``mode_probs``.
     """
     if state is None:
         return {t: 1.0 / config.vocab_size for t in range(config.vocab_size)}
-    depth, mask = state
-    if mask == 0:
-        return {config.repair_token_id: 1.0}
+    position, mask = state
     weights = {m: config.mode_probs[m] for m in range(config.num_modes) if mask >> m & 1}
     total = sum(weights.values())
     out: dict[int, float] = {}
     for m, w in weights.items():
         cycle = config.phrases[m]
-        tok = cycle[depth % len(cycle)]
+        tok = cycle[position % len(cycle)]
         out[tok] = out.get(tok, 0.0) + (w / total if total > 0 else 1.0 / len(weights))
     return out
 
@@ -201,26 +184,11 @@ def prefix_states(config: ProcessLMConfig, tokens: Sequence[int]) -> list[State]
     return states
 
 
-def edited_text(config: ProcessLMConfig, completion: Sequence[int]) -> list[int]:
-    """The completion after its repairs: each repair token undoes back to the longest valid prefix."""
-    scanner = _Scanner(config)
-    scanner.push(config.sep_token_id)
-    out: list[int] = []
-    for tok in completion:
-        scanner.push(int(tok))
-        if tok != config.repair_token_id:
-            out.append(int(tok))
-        del out[len(scanner.stack) :]
-    return out
-
-
 def valid_mode(config: ProcessLMConfig, completion: Sequence[int]) -> int | None:
-    """The mode whose phrase the edited completion is a non-empty prefix of, or None (invalid)."""
-    text = edited_text(config, completion)
-    if not text or config.eos_token_id in completion:
-        return None
+    """The phrase that ``completion`` is a non-empty prefix of (a teacher sequence), or None."""
+    tokens = [int(t) for t in completion]
     for m in range(config.num_modes):
-        if text == config.phrase(m, len(text)):
+        if tokens and tokens == config.phrase(m, len(tokens)):
             return m
     return None
 
@@ -367,7 +335,9 @@ class ProcessLM(PreTrainedModel, GenerationMixin):
         hidden = (probs,) if output_hidden_states else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=hidden)
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None, **kwargs: Any) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids: Tensor, past_key_values: Any = None, **kwargs: Any
+    ) -> dict:
         """Feed only the tokens the cache has not seen (for ``generate``)."""
         seen = 0 if _cached_ids(past_key_values) is None else past_key_values.get_seq_length()
         return {
@@ -409,9 +379,9 @@ class StudentMetrics:
         reverse_kl: sequence-level ``KL(student || teacher)``, stratified Monte Carlo.
         expected_errors: expected number of wrong steps in a student sample (a step after an EOS
             counts as wrong): the "total error" of the DAgger bound.
-        success: probability that a student sample is valid (its edited text is a prefix of a phrase).
-        clean_success: probability that it is exactly a teacher sequence (no mistake at all).
-        mode_mass: ``(M,)`` probability of a valid sample of each mode.
+        step_accuracy: ``1 - expected_errors / T``, the tutorial's "success" heuristic (chapter 2).
+        success: probability that a student sample is a teacher sequence (a phrase, no mistake).
+        mode_mass: ``(M,)`` probability that a student sample is phrase ``m``.
         mode_coverage: ``mode_mass`` normalised to sum to 1.
         first_token_mass: ``(M,)`` student probability of each phrase's first token.
         error_teacher_prefix: ``(T,)`` per-step error on teacher prefixes (exact).
@@ -426,8 +396,8 @@ class StudentMetrics:
     forward_kl: float
     reverse_kl: float
     expected_errors: float
+    step_accuracy: float
     success: float
-    clean_success: float
     mode_mass: list[float]
     mode_coverage: list[float]
     first_token_mass: list[float]
@@ -525,7 +495,6 @@ def exact_student_metrics(
     eos = cfg.eos_token_id
     device = next(iter(student.parameters()), teacher.anchor).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    plen = prompt.shape[1]
     was_training = student.training
     student.eval()
 
@@ -584,15 +553,7 @@ def exact_student_metrics(
     off_mass = (event_p[:, None] * after_e).sum(0)  # (T,) P(prefix of t has a mistake)
 
     own_err, own_rkl = on_err + off_err, on_rkl + off_rkl
-    with torch.no_grad():
-        modes = [valid_mode(cfg, row) for row in seqs.tolist()]
-    mode_hit = torch.zeros(rows, num_modes, dtype=ls.dtype)
-    for r, m in enumerate(modes):
-        if m is not None:
-            mode_hit[r, m] = 1.0
-    cond_mode = mode_hit.view(n_ev, continuations, num_modes).mean(1)  # (E, M)
-    clean = reach[:, length]  # (M,) exact teacher sequences
-    mode_mass = clean + (event_p[:, None] * cond_mode).sum(0)
+    mode_mass = reach[:, length]  # (M,) exact: a sample with a mistake is no teacher sequence
     total = float(mode_mass.sum())
     first_tokens = [cfg.phrases[m][0] for m in range(num_modes)]
     after_mistake = torch.where(off_mass > 1e-12, off_err / off_mass.clamp(min=1e-300), torch.nan)
@@ -602,8 +563,8 @@ def exact_student_metrics(
         forward_kl=forward_kl,
         reverse_kl=float(own_rkl.sum()),
         expected_errors=float(own_err.sum()),
+        step_accuracy=1.0 - float(own_err.sum()) / length,
         success=total,
-        clean_success=float(clean.sum()),
         mode_mass=mode_mass.tolist(),
         mode_coverage=(mode_mass / total).tolist() if total > 0 else [math.nan] * num_modes,
         first_token_mass=[float(ls[0, 0, t].exp()) for t in first_tokens],

@@ -8,6 +8,13 @@ Every agent and environment goes through :class:`RolloutEngine`:
    ``torch.inference_mode`` and keeps logits only at the completion positions;
 3. :meth:`RolloutEngine.rollout` does both and returns a :class:`Rollout`.
 
+Sampling and scoring temperatures: the sampler's log-probs (``Rollout.logprobs``) are those of the
+distribution actually sampled, at the sampling temperature and after top-k/top-p
+(:func:`filtered_logprobs`, which policy-gradient agents also use for their current log-probs, so
+that the gradient and PPO's ratio are taken against the sampling policy). The teacher's token
+log-probs are at ``teacher_temperature`` (:meth:`RolloutEngine.score`; default 1); its full logits
+are kept raw.
+
 :func:`completion_forward` is the shared "logits at completion positions" forward (with the last
 hidden states when a value head needs them), used for the teacher here and for the student's
 gradient forward in the agents.
@@ -70,12 +77,17 @@ class Rollout:
         prompt_mask: ``(B, P)`` 1 on real prompt tokens.
         completion_ids: ``(B, T)`` sampled tokens; pad id after a sequence's EOS.
         completion_mask: ``(B, T)`` bool, True on real completion tokens (EOS included).
-        logprobs: ``(B, T)`` log-prob of each token under the sampling model at the sampling
-            temperature (full softmax, before top-k/top-p), 0 where masked. For on-policy
-            rollouts this is ``log pS``.
-        teacher_logprobs: ``(B, T)`` teacher log-probs of the same tokens (temperature 1), or None.
-        teacher_logits: ``(B, T, V)`` teacher logits at the completion positions, when asked.
-        teacher_topk_logprobs: ``(B, T, k)`` the teacher's k largest log-probs, when asked.
+        logprobs: ``(B, T)`` log-prob of each token under the distribution it was sampled from:
+            the sampling model's softmax at the sampling temperature, restricted by top-k/top-p and
+            renormalised (:func:`filtered_logprobs`; the full softmax when neither is on), 0 where
+            masked. For on-policy rollouts this is ``log pS`` of the policy actually sampled.
+            Greedy decoding (temperature 0) records the temperature-1 log-probs, unfiltered.
+        teacher_logprobs: ``(B, T)`` teacher log-probs of the same tokens at the scoring call's
+            ``teacher_temperature`` (default 1), or None.
+        teacher_logits: ``(B, T, V)`` raw teacher logits at the completion positions (no
+            temperature applied), when asked.
+        teacher_topk_logprobs: ``(B, T, k)`` the teacher's k largest log-probs (at
+            ``teacher_temperature``), when asked.
         teacher_topk_ids: ``(B, T, k)`` their token ids.
         texts: prompt strings.
         timings: seconds spent in ``generate`` and ``score``.
@@ -175,19 +187,66 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     return tok.clamp_(max=probs.shape[-1] - 1)
 
 
-def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Mask all but the top-k / top-p tokens with -inf. ``logits``: ``(B, V)`` (already tempered)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
+def filter_logits(logits: Tensor, top_k: int, top_p: float, *, keep: Tensor | None = None) -> Tensor:
+    """Mask all but the top-k / top-p tokens with -inf: ``(..., V)`` (already tempered) -> ``(..., V)``.
+
+    Args:
+        logits: tempered logits.
+        top_k: keep the ``top_k`` largest (0 = off).
+        top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p`` (1.0 = off).
+        keep: ``(...)`` token ids that are never masked (see :func:`filtered_logprobs`).
+    """
+    use_k = 0 < top_k < logits.shape[-1]
+    if not use_k and top_p >= 1.0:
+        return logits
+    drop = torch.zeros_like(logits, dtype=torch.bool)  # (..., V)
+    if use_k:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        drop = drop | (logits < kth)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        masked = logits.masked_fill(drop, float("-inf"))
+        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token if the mass before it already reaches top_p (the top token is always kept).
         drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        drop = drop | torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    if keep is not None:
+        drop = drop.scatter(-1, keep[..., None].long(), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def filtered_logprobs(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> Tensor:
+    """Log-probs of ``token_ids`` under the distribution the sampler draws from: ``(..., V), (...) -> (...)``.
+
+    ``log softmax(filter(logits / temperature))`` at ``token_ids``, where the filter keeps the top-k
+    and top-p tokens and renormalises over them (:func:`filter_logits`; no filter when both are
+    off, then this is the plain tempered log-softmax). What :meth:`RolloutEngine.generate` records
+    and what policy-gradient agents differentiate: the gradient through the filtered softmax is
+    well defined on the kept tokens (the kept set is piecewise constant in the logits).
+
+    The token itself is always kept. A sampled token is in the kept set by construction, so this
+    changes nothing for sampled tokens at the parameters that sampled them; it keeps the result
+    finite where the filter would drop the token (padding after EOS, a tie at the k-th logit that
+    flips between the cached and the full forward, or a later PPO epoch in which the student moved
+    the token out of its top-k).
+
+    Computed in at least float32 (float64 logits stay float64).
+
+    Args:
+        logits: ``(..., V)`` raw logits.
+        token_ids: ``(...)`` token ids.
+        temperature: sampling temperature, > 0.
+        top_k: top-k of the sampler (0 = off).
+        top_p: top-p of the sampler (1.0 = off).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    scaled = logits.to(dtype) / temperature  # (..., V)
+    if top_k > 0 or top_p < 1.0:
+        scaled = filter_logits(scaled, top_k, top_p, keep=token_ids)
+    logp = torch.log_softmax(scaled, dim=-1)  # (..., V)
+    return logp.gather(-1, token_ids[..., None]).squeeze(-1)
 
 
 class RolloutEngine:
@@ -277,7 +336,8 @@ class RolloutEngine:
             generator: RNG for sampling (reproducible rollouts).
 
         Returns:
-            A :class:`Rollout` with ``logprobs`` of the sampler at the sampling temperature.
+            A :class:`Rollout` with ``logprobs`` of the sampled distribution (sampling temperature,
+            after top-k/top-p).
         """
         model = self.student if model is None else model
         batch = self.encode(prompts)
@@ -304,11 +364,14 @@ class RolloutEngine:
         for step in range(sampling.max_new_tokens):
             logits = out.logits[:, -1, :vocab].float()  # (B, V)
             temp = sampling.temperature if sampling.temperature > 0 else 1.0
-            logp_all = torch.log_softmax(logits / temp, dim=-1)
             if sampling.temperature == 0:
+                logp_all = torch.log_softmax(logits / temp, dim=-1)
                 tok = logits.argmax(-1)
             else:
-                filtered = _filter_logits(logits / temp, sampling.top_k, sampling.top_p)
+                filtered = filter_logits(logits / temp, sampling.top_k, sampling.top_p)  # (B, V)
+                # The log-prob of the distribution actually sampled (filtered, renormalised): the
+                # policy whose gradient the agents take (see filtered_logprobs).
+                logp_all = torch.log_softmax(filtered, dim=-1)
                 tok = sample_categorical(filtered.softmax(-1), generator)
             tok = tok.masked_fill(finished, self.pad_id)
             tokens.append(tok)
@@ -392,17 +455,30 @@ class RolloutEngine:
             texts=batch.texts,
         )
 
-    def score(self, rollout: Rollout, *, teacher_output: TeacherOutput = "none", top_k: int = 0) -> Rollout:
+    def score(
+        self,
+        rollout: Rollout,
+        *,
+        teacher_output: TeacherOutput = "none",
+        top_k: int = 0,
+        teacher_temperature: float = 1.0,
+    ) -> Rollout:
         """Score the rollout's completions with the teacher in one causal forward.
 
-        Fills ``teacher_logprobs`` (temperature 1) and, when asked, ``teacher_logits`` (full) or the
-        top-k teacher log-probs. Modifies and returns ``rollout``.
+        Fills ``teacher_logprobs`` (``log softmax(logits / teacher_temperature)`` at the tokens) and,
+        when asked, ``teacher_logits`` (full, raw: no temperature) or the top-k teacher log-probs (at
+        ``teacher_temperature``). Modifies and returns ``rollout``.
 
         Args:
             rollout: from :meth:`generate` or :meth:`from_completions`.
             teacher_output: ``"none"``, ``"full"`` (``(B, T, V)`` logits) or ``"topk"``.
             top_k: k for ``"topk"``.
+            teacher_temperature: temperature of the teacher's log-probs, > 0. Default 1 (the
+                teacher's own distribution); the policy-gradient agents pass their
+                ``teacher_temp`` (by default the sampling temperature, as GKD's divergence).
         """
+        if not teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         if teacher_output not in ("none", "full", "topk"):
             raise ValueError(f"teacher_output must be 'none', 'full' or 'topk', got {teacher_output!r}")
         if teacher_output == "topk" and top_k < 1:
@@ -413,7 +489,8 @@ class RolloutEngine:
             logits = completion_logits(
                 self.teacher, rollout.input_ids, rollout.attention_mask, num, self.vocab_size
             )
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+            scaled = logits.float() if teacher_temperature == 1.0 else logits.float() / teacher_temperature
+            logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
             tok_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
             tok_logp = tok_logp.masked_fill(~rollout.completion_mask, 0.0)
             topk = logp.topk(min(top_k, logp.shape[-1]), dim=-1) if teacher_output == "topk" else None
@@ -456,10 +533,13 @@ class RolloutEngine:
         teacher_output: TeacherOutput = "none",
         top_k: int = 0,
         generator: torch.Generator | None = None,
+        teacher_temperature: float = 1.0,
     ) -> Rollout:
         """Sample from the student, then score with the teacher: :meth:`generate` + :meth:`score`."""
         out = self.generate(prompts, sampling, generator=generator)
-        return self.score(out, teacher_output=teacher_output, top_k=top_k)
+        return self.score(
+            out, teacher_output=teacher_output, top_k=top_k, teacher_temperature=teacher_temperature
+        )
 
     def incremental_scorer(self, model: PreTrainedModel | None = None) -> IncrementalScorer:
         """A token-by-token scorer (own KV cache) for the teacher, or for ``model`` (e.g. the student).
