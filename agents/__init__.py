@@ -7,9 +7,11 @@ for the contract on the agents' own parameters (value heads) and the optimizer.
 
 from rl_distill.agents.base import Agent
 from rl_distill.agents.gkd import SPECIAL_CASES, GKDAgent, GKDConfig
+from rl_distill.agents.grpo import GRPOAgent, GRPOConfig
 from rl_distill.agents.minillm import MiniLLMAgent, MiniLLMConfig
 from rl_distill.agents.ppo import PPOAgent, PPOConfig
 from rl_distill.agents.reinforce import REINFORCEAgent, REINFORCEConfig
+from rl_distill.agents.spin import SPINAgent, SPINConfig
 
 #: name -> (agent class, its config dataclass)
 AGENTS: dict[str, tuple[type[Agent], type]] = {
@@ -17,6 +19,8 @@ AGENTS: dict[str, tuple[type[Agent], type]] = {
     "reinforce": (REINFORCEAgent, REINFORCEConfig),
     "ppo": (PPOAgent, PPOConfig),
     "minillm": (MiniLLMAgent, MiniLLMConfig),
+    "spin": (SPINAgent, SPINConfig),
+    "grpo": (GRPOAgent, GRPOConfig),
 }
 
 __all__ = [
@@ -25,10 +29,14 @@ __all__ = [
     "Agent",
     "GKDAgent",
     "GKDConfig",
+    "GRPOAgent",
+    "GRPOConfig",
     "MiniLLMAgent",
     "MiniLLMConfig",
     "PPOAgent",
     "PPOConfig",
     "REINFORCEAgent",
     "REINFORCEConfig",
+    "SPINAgent",
+    "SPINConfig",
 ]

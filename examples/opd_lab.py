@@ -244,7 +244,9 @@ def select_lrs(runs: list[dict[str, Any]], methods: list[str], lrs: list[float])
     for method in methods:
         table[method] = {}
         for lr in lrs:
-            vals = [r["metrics"]["expected_errors"] for r in runs if r["method"] == method and r["lr"] == lr]
+            vals = [
+                r["after"]["eval/expected_errors"] for r in runs if r["method"] == method and r["lr"] == lr
+            ]
             table[method][f"{lr:g}"] = sum(vals) / len(vals) if vals else math.nan
         chosen[method] = min(lrs, key=lambda lr, m=method: (table[m][f"{lr:g}"], lr))
     return {"mean_expected_errors": table, "chosen": chosen}
@@ -317,7 +319,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "analysis": analyse(runs, args),
         "system": {"lscpu": lscpu(), "load_start": load_start, "load_end": system_load()},
         "runs": runs,
-        "val_runs": val_runs,
+        # Validation runs only chose the learning rates: their scalars suffice.
+        "val_runs": [
+            {
+                **{k: v for k, v in r.items() if k not in ("metrics", "curve", "job")},
+                "scalars": run_scalars(r),
+            }
+            for r in val_runs
+        ],
     }
     # write_report records the header facts and the raw JSON; the page is then rendered from the JSON.
     payload = write_report(args.name, args, title="OPD lab", body="", data=data, start=start)
@@ -570,9 +579,9 @@ def system_load() -> str:
 # The page and the plots (rendered from the JSON payload only)
 # ---------------------------------------------------------------------------------------------
 def _rounded(obj: Any) -> Any:
-    """``obj`` with floats rounded to 6 significant digits (a smaller JSON)."""
+    """``obj`` with floats rounded to 5 significant digits (a smaller JSON)."""
     if isinstance(obj, float):
-        return obj if obj != obj or obj in (math.inf, -math.inf) else float(f"{obj:.6g}")
+        return obj if obj != obj or obj in (math.inf, -math.inf) else float(f"{obj:.5g}")
     if isinstance(obj, dict):
         return {k: _rounded(v) for k, v in obj.items()}
     if isinstance(obj, list):

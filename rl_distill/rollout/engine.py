@@ -18,14 +18,28 @@ are kept raw.
 :func:`completion_forward` is the shared "logits at completion positions" forward (with the last
 hidden states when a value head needs them), used for the teacher here and for the student's
 gradient forward in the agents.
+
+Privileged-information teachers (on-policy self-distillation, OPSD; tutorial ch. 6): the teacher may
+score the student's completion under a *different* prompt than the student saw, e.g. the question
+plus its reference answer. :meth:`RolloutEngine.set_teacher_template` renders one teacher prompt per
+example from a template (:func:`format_teacher_prompt`, fields ``{prompt}``, ``{reference}`` and any
+metadata key) and :meth:`RolloutEngine.score` then scores each row's completion tokens after the
+teacher prompt of its student prompt (``Rollout.texts``), or after explicit ``teacher_prompts``.
+The teacher prompts are left-padded to their own width, which may differ from the student's; the
+guarantees stay those of the plain case: one teacher forward, logits only at completion positions,
+and row ``i`` scored exactly as ``teacher prompt i + completion i`` alone would be.
+
+No teacher (``teacher=None``; verifier-only RL, SPIN): the engine samples and builds sequences, and
+:meth:`RolloutEngine.score` refuses with :class:`NoTeacherError`.
 """
 
 from __future__ import annotations
 
+import string
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -36,6 +50,60 @@ from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
 
 TeacherOutput = Literal["none", "full", "topk"]
+
+
+class NoTeacherError(ValueError):
+    """A teacher score was asked of an engine built without a teacher (``model.teacher: null``)."""
+
+
+class _ExampleLike(Protocol):
+    prompt: str
+    reference: str | None
+    metadata: Mapping[str, Any]
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a teacher template uses, in order: ``"{prompt} [{answer}]"`` -> ``["prompt", "answer"]``.
+
+    Raises:
+        ValueError: a malformed template, or a positional (``{}``, ``{0}``) or attribute field.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"teacher_template {template!r} is not a valid format string: {err}") from None
+    names = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or not name.isidentifier():
+            raise ValueError(
+                f"teacher_template {template!r}: field {{{name}}} must be a name (prompt, reference or a "
+                "metadata key)"
+            )
+        names.append(name)
+    return names
+
+
+def format_teacher_prompt(template: str, example: _ExampleLike) -> str:
+    r"""The privileged teacher prompt of one example: ``template`` filled from the example.
+
+    Fields: ``{prompt}`` (the student's prompt), ``{reference}`` (the reference completion) and any
+    key of ``example.metadata`` (``{answer}``); e.g. ``"{prompt}\n[Answer: {answer}]"``.
+
+    Raises:
+        ValueError: a field the example does not have (naming it and the fields it has), or a
+            ``reference`` that is None.
+    """
+    values: dict[str, Any] = {**example.metadata, "prompt": example.prompt, "reference": example.reference}
+    for name in template_fields(template):
+        if name not in values or values[name] is None:
+            have = ", ".join(sorted(k for k, v in values.items() if v is not None))
+            raise ValueError(
+                f"teacher_template field {{{name}}} is missing from the example {example.prompt[:60]!r} "
+                f"(it has: {have})"
+            )
+    return template.format(**values)
 
 
 @dataclass(frozen=True)
@@ -254,7 +322,8 @@ class RolloutEngine:
 
     Args:
         student: the policy being trained.
-        teacher: the frozen teacher (put in eval mode, never given gradients).
+        teacher: the frozen teacher (put in eval mode, never given gradients), or None for none
+            (sampling and fixed sequences only; :meth:`score` raises :class:`NoTeacherError`).
         tokenizer: the shared tokenizer (pad token set).
         chat_template: passed to :class:`PromptEncoder` (None = use it if the tokenizer has one).
         max_prompt_length: longest allowed prompt in tokens; default: the context length minus
@@ -268,7 +337,7 @@ class RolloutEngine:
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: PreTrainedModel,
+        teacher: PreTrainedModel | None,
         tokenizer: PreTrainedTokenizerBase,
         *,
         chat_template: bool | None = None,
@@ -276,9 +345,13 @@ class RolloutEngine:
         stop_token_ids: Sequence[int] = (),
     ) -> None:
         self.student = student
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.tokenizer = tokenizer
-        self.vocab: VocabInfo = check_pair(teacher, student, tokenizer)
+        # Without a teacher only the student's width is checked (it stands in for the teacher's).
+        self.vocab: VocabInfo = check_pair(teacher if teacher is not None else student, student, tokenizer)
+        #: student prompt -> privileged teacher prompt (:meth:`set_teacher_template`); None: the same prompt.
+        self.teacher_prompt_map: dict[str, str] | None = None
+        self.teacher_template: str | None = None
         self.encoder = PromptEncoder(
             tokenizer, chat_template=chat_template, max_prompt_length=max_prompt_length
         )
@@ -291,8 +364,60 @@ class RolloutEngine:
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops))
         self.context_length = min(
             _context_length(student) or 1 << 30,
-            _context_length(teacher) or 1 << 30,
+            (_context_length(teacher) if teacher is not None else None) or 1 << 30,
         )
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the engine has a teacher to score with."""
+        return self.teacher is not None
+
+    def set_teacher_template(self, template: str | None, examples: Iterable[_ExampleLike]) -> None:
+        r"""Score with a privileged teacher prompt per example (OPSD): ``template`` rendered for each example.
+
+        Afterwards :meth:`score` looks each row's student prompt (``Rollout.texts``) up and scores its
+        completion after that example's teacher prompt. ``None`` (or ``""``) switches it off: the
+        teacher sees the student's prompt.
+
+        Args:
+            template: a format string over ``prompt``, ``reference`` and metadata keys
+                (:func:`format_teacher_prompt`), e.g. ``"{prompt}\n[Answer: {answer}]"``.
+            examples: every example whose prompt may be scored (a task's train and eval splits).
+
+        Raises:
+            ValueError: a field missing from an example, or two examples with the same prompt but
+                different teacher prompts (the lookup would be ambiguous).
+        """
+        if not template:
+            self.teacher_prompt_map, self.teacher_template = None, None
+            return
+        mapping: dict[str, str] = {}
+        for ex in examples:
+            rendered = format_teacher_prompt(template, ex)
+            if mapping.setdefault(ex.prompt, rendered) != rendered:
+                raise ValueError(
+                    f"teacher_template: two examples share the prompt {ex.prompt[:60]!r} but render different "
+                    "teacher prompts; make the prompts unique"
+                )
+        self.teacher_prompt_map, self.teacher_template = mapping, template
+
+    def teacher_prompts_for(self, texts: Sequence[str]) -> list[str] | None:
+        """The teacher prompts of student prompts ``texts`` (:meth:`set_teacher_template`); None when off.
+
+        Raises:
+            KeyError: a prompt that was not registered (naming it).
+        """
+        if self.teacher_prompt_map is None:
+            return None
+        out = []
+        for text in texts:
+            found = self.teacher_prompt_map.get(text)
+            if found is None:
+                raise KeyError(
+                    f"no teacher prompt for the prompt {text[:60]!r}: set_teacher_template was not given its example"
+                )
+            out.append(found)
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -310,11 +435,11 @@ class RolloutEngine:
             return prompts
         return self.encoder(prompts, device=self.device)
 
-    def _check_fits(self, prompts: PromptBatch, max_new_tokens: int) -> None:
+    def _check_fits(self, prompts: PromptBatch, max_new_tokens: int, *, what: str = "prompt") -> None:
         longest = int(prompts.attention_mask.sum(-1).max())
         if longest + max_new_tokens > self.context_length:
             raise PromptTooLongError(
-                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context length "
+                f"a {what} of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context length "
                 f"{self.context_length}"
             )
 
@@ -462,12 +587,19 @@ class RolloutEngine:
         teacher_output: TeacherOutput = "none",
         top_k: int = 0,
         teacher_temperature: float = 1.0,
+        teacher_prompts: Sequence[str] | PromptBatch | None = None,
     ) -> Rollout:
         """Score the rollout's completions with the teacher in one causal forward.
 
         Fills ``teacher_logprobs`` (``log softmax(logits / teacher_temperature)`` at the tokens) and,
         when asked, ``teacher_logits`` (full, raw: no temperature) or the top-k teacher log-probs (at
         ``teacher_temperature``). Modifies and returns ``rollout``.
+
+        The teacher reads ``teacher prompt + completion``: the teacher prompt is ``teacher_prompts[i]``
+        when given, else the registered privileged prompt of ``rollout.texts[i]``
+        (:meth:`set_teacher_template`), else the student's own prompt. The teacher prompts are
+        left-padded among themselves (their width may differ from the student's), so the completion
+        tokens keep the same positions relative to each row's last prompt token.
 
         Args:
             rollout: from :meth:`generate` or :meth:`from_completions`.
@@ -476,7 +608,17 @@ class RolloutEngine:
             teacher_temperature: temperature of the teacher's log-probs, > 0. Default 1 (the
                 teacher's own distribution); the policy-gradient agents pass their
                 ``teacher_temp`` (by default the sampling temperature, as GKD's divergence).
+            teacher_prompts: one teacher prompt per row (strings or an encoded batch), overriding
+                the registered template.
+
+        Raises:
+            NoTeacherError: the engine has no teacher.
+            PromptTooLongError: a teacher prompt plus the completion exceeds the context length.
         """
+        if self.teacher is None:
+            raise NoTeacherError(
+                "this engine has no teacher (model.teacher: null): nothing can score the completions"
+            )
         if not teacher_temperature > 0:
             raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         if teacher_output not in ("none", "full", "topk"):
@@ -485,10 +627,9 @@ class RolloutEngine:
             raise ValueError("teacher_output='topk' needs top_k >= 1")
         start = time.perf_counter()
         num = rollout.completion_ids.shape[1]
+        input_ids, attention_mask = self.teacher_inputs(rollout, teacher_prompts)
         with torch.inference_mode():
-            logits = completion_logits(
-                self.teacher, rollout.input_ids, rollout.attention_mask, num, self.vocab_size
-            )
+            logits = completion_logits(self.teacher, input_ids, attention_mask, num, self.vocab_size)
             scaled = logits.float() if teacher_temperature == 1.0 else logits.float() / teacher_temperature
             logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
             tok_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
@@ -507,6 +648,31 @@ class RolloutEngine:
             )
         rollout.timings["score"] = time.perf_counter() - start
         return rollout
+
+    def teacher_inputs(
+        self, rollout: Rollout, teacher_prompts: Sequence[str] | PromptBatch | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` ``(B, P' + T)`` the teacher reads: teacher prompt + completion.
+
+        The student's own prompt and completion (``rollout.input_ids``) unless a teacher prompt
+        applies (``teacher_prompts``, or the registered template; see :meth:`score`).
+        """
+        if teacher_prompts is None:
+            teacher_prompts = self.teacher_prompts_for(rollout.texts) if rollout.texts else None
+            if teacher_prompts is None and self.teacher_prompt_map is not None:
+                raise ValueError(
+                    "a teacher template is set, but the rollout carries no prompt texts to look up"
+                )
+        if teacher_prompts is None:
+            return rollout.input_ids, rollout.attention_mask
+        batch = self.encode(teacher_prompts)
+        if len(batch) != len(rollout):
+            raise ValueError(f"got {len(batch)} teacher prompts for {len(rollout)} sequences")
+        self._check_fits(batch, rollout.completion_ids.shape[1], what="teacher prompt")
+        cmask = rollout.completion_mask.to(batch.attention_mask.dtype)
+        ids = torch.cat([batch.input_ids.to(rollout.completion_ids.device), rollout.completion_ids], dim=1)
+        mask = torch.cat([batch.attention_mask.to(cmask.device), cmask], dim=1)
+        return ids, mask
 
     def score_student(self, rollout: Rollout) -> Tensor:
         """Student logits ``(B, T, V)`` at the rollout's completion positions (gradient if enabled)."""
@@ -534,11 +700,16 @@ class RolloutEngine:
         top_k: int = 0,
         generator: torch.Generator | None = None,
         teacher_temperature: float = 1.0,
+        teacher_prompts: Sequence[str] | PromptBatch | None = None,
     ) -> Rollout:
         """Sample from the student, then score with the teacher: :meth:`generate` + :meth:`score`."""
         out = self.generate(prompts, sampling, generator=generator)
         return self.score(
-            out, teacher_output=teacher_output, top_k=top_k, teacher_temperature=teacher_temperature
+            out,
+            teacher_output=teacher_output,
+            top_k=top_k,
+            teacher_temperature=teacher_temperature,
+            teacher_prompts=teacher_prompts,
         )
 
     def incremental_scorer(self, model: PreTrainedModel | None = None) -> IncrementalScorer:
@@ -547,6 +718,12 @@ class RolloutEngine:
         What environments use to give ``log pT(a_t | s_t)`` at each step without recomputing the
         prefix; see :mod:`rl_distill.rollout.incremental`.
         """
+        if model is None and self.teacher is None:
+            raise NoTeacherError("this engine has no teacher (model.teacher: null) to score incrementally")
+        if model is None and self.teacher_prompt_map is not None:
+            raise ValueError(
+                "the incremental scorer reads the student's prompt; it does not support a teacher template"
+            )
         return IncrementalScorer(
             self.teacher if model is None else model, self.vocab_size, pad_id=self.pad_id
         )

@@ -1,6 +1,12 @@
 """Built-in prompt sources with deterministic train/eval splits."""
 
-from rl_distill.tasks import arithmetic, factual_summary, instructions, jsonl  # noqa: F401  (registers the tasks)
+from rl_distill.tasks import (  # noqa: F401  (registers the tasks)
+    arithmetic,
+    factual_summary,
+    hf_dataset,
+    instructions,
+    jsonl,
+)
 from rl_distill.tasks.base import (
     Example,
     TaskData,

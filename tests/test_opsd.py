@@ -1,0 +1,163 @@
+"""Privileged-information teachers (OPSD): the teacher scores the student's completion under another prompt."""
+
+import copy
+
+import pytest
+import torch
+
+from rl_distill.agents import GKDAgent, GKDConfig
+from rl_distill.divergences import DIVERGENCES
+from rl_distill.models import tiny_llama
+from rl_distill.rollout import PromptTooLongError, RolloutEngine, SamplingConfig, position_ids_from_mask
+from rl_distill.rollout.engine import NoTeacherError, format_teacher_prompt, template_fields
+from rl_distill.tasks import Example
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXAMPLES = [
+    Example("1+2=?", "1+2=3. #### 3", {"answer": 3}),
+    Example("12+7-5=?", "12+7=19. 19-5=14. #### 14", {"answer": 14}),
+    Example("9-9=?", "9-9=0. #### 0", {"answer": 0}),
+]
+TEMPLATE = "{prompt} [Answer: {answer}]"
+SAMPLING = SamplingConfig(max_new_tokens=8)
+
+
+def plain_teacher_logits(teacher, tokenizer, teacher_prompt, completion_ids, vocab):
+    """Reference: one unpadded forward of the teacher over its prompt + the completion's real tokens."""
+    ids = tokenizer(teacher_prompt)["input_ids"] + completion_ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = teacher(input_ids=x, position_ids=position_ids_from_mask(torch.ones_like(x))).logits
+    p = len(ids) - len(completion_ids)
+    return logits[0, p - 1 : -1, :vocab].float()  # (T, V): the distributions of the completion tokens
+
+
+def test_template_fields_and_formatting():
+    assert template_fields(TEMPLATE) == ["prompt", "answer"]
+    assert format_teacher_prompt(TEMPLATE, EXAMPLES[1]) == "12+7-5=? [Answer: 14]"
+    assert format_teacher_prompt("{prompt}|{reference}", EXAMPLES[0]) == "1+2=?|1+2=3. #### 3"
+    with pytest.raises(
+        ValueError,
+        match=r"field \{hint\} is missing from the example '1\+2=\?' \(it has: answer, prompt, reference\)",
+    ):
+        format_teacher_prompt("{prompt} {hint}", EXAMPLES[0])
+    with pytest.raises(ValueError, match=r"field \{reference\} is missing"):
+        format_teacher_prompt("{reference}", Example("q"))
+    with pytest.raises(ValueError, match="must be a name"):
+        template_fields("{prompt} {}")
+    with pytest.raises(ValueError, match="not a valid format string"):
+        template_fields("{prompt")
+
+
+def test_privileged_teacher_logits_equal_a_plain_forward_on_its_prompt(student, teacher, tokenizer):
+    engine = RolloutEngine(student, teacher, tokenizer)
+    engine.set_teacher_template(TEMPLATE, EXAMPLES)
+    gen = torch.Generator().manual_seed(0)
+    r = engine.rollout([ex.prompt for ex in EXAMPLES], SAMPLING, teacher_output="full", generator=gen)
+    vocab = len(tokenizer)
+    for i, ex in enumerate(EXAMPLES):
+        n = int(r.lengths[i])
+        ref = plain_teacher_logits(
+            teacher, tokenizer, format_teacher_prompt(TEMPLATE, ex), r.completion_ids[i, :n].tolist(), vocab
+        )
+        torch.testing.assert_close(r.teacher_logits[i, :n].float(), ref, atol=1e-4, rtol=0)
+        ref_tok = ref.log_softmax(-1).gather(-1, r.completion_ids[i, :n, None]).squeeze(-1)
+        torch.testing.assert_close(r.teacher_logprobs[i, :n], ref_tok, atol=1e-5, rtol=0)
+    # The student's own prompt gives other scores: the template really changed the context.
+    plain = RolloutEngine(student, teacher, tokenizer).score(copy.copy(r), teacher_output="full")
+    assert not torch.allclose(plain.teacher_logits, r.teacher_logits)
+
+
+def test_left_padded_teacher_prompts_equal_one_prompt_at_a_time(student, teacher, tokenizer):
+    # Teacher prompts of different lengths (and longer than the student's): left padding of their own.
+    engine = RolloutEngine(student, teacher, tokenizer)
+    engine.set_teacher_template("{prompt} so the answer, which you know, is {answer}.", EXAMPLES)
+    gen = torch.Generator().manual_seed(3)
+    batch = engine.generate([ex.prompt for ex in EXAMPLES], SAMPLING, generator=gen)
+    scored = engine.score(copy.copy(batch), teacher_output="full")
+    ids, _ = engine.teacher_inputs(batch)
+    assert ids.shape[1] - batch.completion_ids.shape[1] != batch.prompt_ids.shape[1]
+    for i in range(len(EXAMPLES)):
+        one = engine.score(select(batch, i), teacher_output="full")
+        n = one.completion_ids.shape[1]
+        torch.testing.assert_close(one.teacher_logits[0], scored.teacher_logits[i, :n], atol=1e-4, rtol=0)
+        torch.testing.assert_close(one.teacher_logprobs[0], scored.teacher_logprobs[i, :n], atol=1e-5, rtol=0)
+
+
+def select(rollout, i):
+    from rl_distill.agents.base import select_rows
+
+    return select_rows(rollout, torch.tensor([i]))
+
+
+def test_explicit_teacher_prompts_and_errors(student, teacher, tokenizer):
+    engine = RolloutEngine(student, teacher, tokenizer)
+    r = engine.generate(["1+2=?", "9-9=?"], SAMPLING, generator=torch.Generator().manual_seed(0))
+    a = engine.score(copy.copy(r), teacher_prompts=["1+2=? [3]", "9-9=? [0]"]).teacher_logprobs
+    engine.set_teacher_template("{prompt} [{answer}]", EXAMPLES)
+    b = engine.score(copy.copy(r)).teacher_logprobs
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="got 1 teacher prompts for 2 sequences"):
+        engine.score(copy.copy(r), teacher_prompts=["x"])
+    with pytest.raises(KeyError, match="no teacher prompt for the prompt 'unknown'"):
+        engine.score(engine.generate(["unknown"], SAMPLING))
+    with pytest.raises(ValueError, match="share the prompt"):
+        engine.set_teacher_template(
+            "{answer}", [Example("q", metadata={"answer": 1}), Example("q", metadata={"answer": 2})]
+        )
+    small = tiny_llama(len(tokenizer), hidden_size=32, num_layers=1, max_position_embeddings=24, seed=0)
+    tight = RolloutEngine(small, small, tokenizer)
+    tight.set_teacher_template("{prompt} and now a very long privileged hint", EXAMPLES)
+    with pytest.raises(PromptTooLongError, match="teacher prompt of"):
+        tight.score(tight.generate(["1+2=?"], SAMPLING))
+    engine.set_teacher_template(None, [])
+    torch.testing.assert_close(
+        engine.score(copy.copy(r)).teacher_logprobs,
+        RolloutEngine(student, teacher, tokenizer).score(copy.copy(r)).teacher_logprobs,
+    )
+
+
+def test_no_teacher_engine_samples_but_refuses_to_score(student, tokenizer):
+    engine = RolloutEngine(student, None, tokenizer)
+    assert not engine.has_teacher
+    r = engine.generate(["1+2=?"], SAMPLING, generator=torch.Generator().manual_seed(0))
+    engine.from_completions(["1+2=?"], ["3"])
+    with pytest.raises(NoTeacherError, match=r"model.teacher: null"):
+        engine.score(r)
+    with pytest.raises(NoTeacherError):
+        engine.incremental_scorer()
+
+
+def self_teacher_agent(student, tokenizer, template, **config):
+    """GKD whose teacher is a frozen copy of the student (``model.teacher: self`` at step 0)."""
+    engine = RolloutEngine(student, copy.deepcopy(student), tokenizer)
+    engine.set_teacher_template(template, EXAMPLES)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    return GKDAgent(
+        engine, opt, GKDConfig(max_new_tokens=8, **config), generator=torch.Generator().manual_seed(0)
+    )
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("lmbda", [1.0, 0.5])
+def test_identity_template_with_a_self_teacher_gives_zero_divergence(student, tokenizer, divergence, lmbda):
+    agent = self_teacher_agent(student, tokenizer, "{prompt}", divergence=divergence, lmbda=lmbda)
+    rollouts, _ = agent.collect(EXAMPLES)
+    with torch.no_grad():
+        loss, per_seq = agent.loss(rollouts)
+    # Identical logits: the KLs are exactly 0; the JSD's mixture carries one rounding of log(beta + 1 - beta).
+    assert float(per_seq.abs().max()) <= (0.0 if "kl" in divergence else 1e-6)
+
+
+@pytest.mark.parametrize("lmbda", [1.0, 0.0])
+def test_privileged_template_with_a_self_teacher_gives_a_signal(student, tokenizer, lmbda):
+    agent = self_teacher_agent(student, tokenizer, "{prompt}{answer}", divergence="forward_kl", lmbda=lmbda)
+    rollouts, _ = agent.collect(EXAMPLES)
+    loss, per_seq = agent.loss(rollouts)
+    assert (per_seq > 1e-4).all()
+    before = [p.detach().clone() for p in student.parameters()]
+    agent.update(EXAMPLES)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    # The teacher stayed frozen at the starting weights.
+    assert all(not p.requires_grad for p in agent.engine.teacher.parameters())
