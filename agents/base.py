@@ -51,6 +51,17 @@ Skipped updates: ``train/skipped`` is 1.0 when the optimizer did not step this u
 reason: a non-finite loss or gradient (counted in ``skipped_steps``, which ``train.max_consecutive_skips``
 guards), or nothing left to train on after rejection (counted in ``empty_steps``; not an error).
 
+Gradient accumulation (``train.grad_accum_steps``, ``grad_accum_steps=``): an agent that supports it
+(``supports_grad_accum``; GKD and REINFORCE) collects the whole batch first (samples, teacher scores,
+rewards, baselines), then runs its gradient pass over :meth:`Agent.micro_batches` of rows, calling
+:meth:`Agent.accumulate_backward` on each micro-batch's *share* of the batch loss (its terms divided
+by the whole batch's counts), and :meth:`Agent.optimizer_step` once without a loss. The update equals
+the whole batch's. Other agents refuse ``grad_accum_steps > 1``.
+
+Mixed precision (``train.precision``): the trainer runs ``update`` under autocast
+(:mod:`rl_distill.precision`); the backward pass runs with autocast off, and with ``fp16`` through the
+``grad_scaler`` (its scale is unscaled before clipping; a step with non-finite gradients lowers it).
+
 Rewards: an agent takes ``reward=`` as a callable, or a name/spec that is resolved with
 :func:`rl_distill.rewards.registry.resolve_reward` when the agent is built (the config field
 ``agent.reward``). It is called through :func:`rl_distill.rewards.registry.score_examples`, the one
@@ -195,6 +206,11 @@ class AgentConfig:
         """The beta of the JSD reported at evaluation: the agent's own when it trains on a JSD, else 0.5."""
         return 0.5
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the agent scores with a teacher (False: ``model.teacher: null`` is allowed; SPIN, GRPO)."""
+        return True
+
 
 class Agent(ABC):
     """An algorithm that improves the student from a batch of prompts.
@@ -211,6 +227,12 @@ class Agent(ABC):
         accelerator: optional ``accelerate.Accelerator``; its ``backward`` is used when given.
         reward: external reward of paper Eq. 5: a callable ``(prompts, completions, **metadata)``,
             a registered name, an import path ``module:function``, a spec dict, or None.
+        grad_accum_steps: micro-batches per update (``train.grad_accum_steps``; agents with
+            ``supports_grad_accum`` only).
+        grad_scaler: a ``torch.amp.GradScaler`` for ``train.precision: fp16``, or None.
+
+    Raises:
+        ValueError: ``train.grad_accum_steps: ...`` for an agent that does not accumulate gradients.
     """
 
     #: Registry name (``agent.name`` in configs).
@@ -218,6 +240,9 @@ class Agent(ABC):
 
     #: The agent's config dataclass (its defaults are used when no config is given).
     config_cls: type[AgentConfig] = AgentConfig
+
+    #: Whether the agent splits its gradient pass into ``grad_accum_steps`` micro-batches.
+    supports_grad_accum: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -229,8 +254,18 @@ class Agent(ABC):
         generator: torch.Generator | None = None,
         accelerator: Any | None = None,
         reward: RewardSpec = None,
+        grad_accum_steps: int = 1,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.config = config if config is not None else self.config_cls()
+        if grad_accum_steps < 1:
+            raise ValueError(f"train.grad_accum_steps: must be >= 1, got {grad_accum_steps}")
+        if grad_accum_steps > 1 and not self.supports_grad_accum:
+            hint = " (PPO: use agent.num_minibatches)" if self.name == "ppo" else ""
+            raise ValueError(
+                f"train.grad_accum_steps: the {self.name or type(self).__name__} agent does not accumulate "
+                f"gradients; set it to 1{hint}"
+            )
         if not isinstance(self.config, AgentConfig):
             raise TypeError(
                 f"{type(self).__name__} needs a config derived from AgentConfig, got {type(self.config).__name__}"
@@ -252,6 +287,10 @@ class Agent(ABC):
         self.generator = generator if generator is not None else torch.Generator(device=engine.device)
         self.accelerator = accelerator
         self.reward = resolve_reward(reward)
+        self.grad_accum_steps = grad_accum_steps
+        self.grad_scaler = grad_scaler
+        self._backward_calls = 0  # accumulate_backward calls since the last optimizer step
+        self._non_finite = False  # a loss of this step was not finite: the step is skipped
         self.skipped_steps = 0
         self.empty_steps = 0
         self.sample_filter: SampleFilter | None = None
@@ -272,12 +311,8 @@ class Agent(ABC):
         return self.scheduled_values["alpha"]
 
     def schedule_metrics(self) -> dict[str, float]:
-        """``train/<field>`` for every field that changes over training (constants are in the hparams)."""
-        return {
-            f"train/{name}": value
-            for name, value in self.scheduled_values.items()
-            if not self.config.is_constant(name)
-        }
+        """``train/<field>``: the current value of every schedulable field (``train/alpha``, ``train/lmbda``)."""
+        return {f"train/{name}": value for name, value in self.scheduled_values.items()}
 
     @abstractmethod
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
@@ -406,22 +441,59 @@ class Agent(ABC):
             return self.accelerator.reduce(value, reduction="mean")
         return value
 
-    def optimizer_step(self, loss: Tensor) -> dict[str, float]:
-        """Backward, clip, and step; a non-finite loss or gradient skips the step.
+    def micro_batches(self, num_rows: int, group_size: int = 1) -> list[Tensor]:
+        """Row indices of the ``grad_accum_steps`` micro-batches of ``num_rows`` rows, in order.
+
+        Contiguous and made of whole groups of ``group_size`` consecutive rows (the samples of one
+        prompt, so RLOO groups are never split); fewer micro-batches when there are fewer groups.
+        """
+        groups = torch.arange(num_rows // group_size)
+        parts = torch.tensor_split(groups, min(self.grad_accum_steps, max(1, len(groups))))
+        return [torch.arange(int(p[0]) * group_size, (int(p[-1]) + 1) * group_size) for p in parts if len(p)]
+
+    def accumulate_backward(self, loss: Tensor) -> None:
+        """Add the gradient of ``loss`` (one micro-batch's share of the step's loss) to the step's gradient.
+
+        The first call after an optimizer step clears the gradients. A non-finite loss marks the step
+        to be skipped (every process agrees, or DDP's all-reduce would wait forever); later calls of
+        the step then do no backward pass. Autocast is off in the backward pass.
+        """
+        if self._backward_calls == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._non_finite = False
+        self._backward_calls += 1
+        non_finite = self.mean_across_processes((~torch.isfinite(loss.detach())).float())
+        if non_finite > 0 or self._non_finite:
+            self._non_finite = True
+            return
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+        with torch.autocast(self.engine.device.type, enabled=False):
+            if self.accelerator is not None:
+                self.accelerator.backward(loss)
+            else:
+                loss.backward()
+
+    def optimizer_step(self, loss: Tensor | None = None) -> dict[str, float]:
+        """Backward (``loss``, or the micro-batches already passed to :meth:`accumulate_backward`), clip, step.
+
+        A non-finite loss or gradient skips the step.
 
         Returns:
             ``train/grad_norm`` and ``train/skipped`` (1.0 if the step was skipped).
         """
-        self.optimizer.zero_grad(set_to_none=True)
-        # Every process must agree to skip, or DDP's gradient all-reduce would wait forever.
-        non_finite = self.mean_across_processes((~torch.isfinite(loss.detach())).float())
-        if non_finite > 0:
+        if loss is not None:
+            self._backward_calls = 0
+            self.accumulate_backward(loss)
+        if self._backward_calls == 0:
+            raise RuntimeError("optimizer_step() without a loss needs accumulate_backward() calls first")
+        self._backward_calls = 0
+        if self._non_finite:
+            self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return {"train/grad_norm": float("nan"), "train/skipped": 1.0}
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)  # clip the true gradient
         extra = [p for p in self.extra_parameters() if p.grad is not None]
         for p in extra:  # not inside DDP: average by hand
             p.grad = self.mean_across_processes(p.grad)
@@ -431,8 +503,14 @@ class Agent(ABC):
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+            if self.grad_scaler is not None:
+                self.grad_scaler.update()  # fp16 overflow: a smaller loss scale next step
             return {"train/grad_norm": grad_norm, "train/skipped": 1.0}
-        self.optimizer.step()
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
         return {"train/grad_norm": grad_norm, "train/skipped": 0.0}
 
 

@@ -39,10 +39,28 @@ Each step, for a batch of prompts ``x``:
    sequences would need importance weights, so they get no reward term. ``log pS`` is at the
    sampling temperature. The baseline ``b_i`` is ``baseline="leave_one_out"`` (default: the mean
    reward of the *other* on-policy samples of the batch, unbiased), ``"batch_mean"`` (the mean of
-   all of them, slightly biased) or ``"none"``. ``alpha = 1`` (default) is pure GKD and never calls
+   all of them, slightly biased) or ``"none"``.
+
+   *Groups* (``samples_per_prompt = k > 1``): each on-policy example is sampled ``k`` times (rows
+   ``i*k .. i*k+k-1``) and the baselines are taken within each prompt's group instead of the batch:
+   ``leave_one_out`` is per-prompt RLOO, ``batch_mean`` the group's mean, and ``"group_norm"``
+   replaces ``r_i - b_i`` by GRPO's group-normalised advantage ``(r_i - mean_g) / (std_g + 1e-4)``
+   (:func:`~rl_distill.agents.grpo.group_advantages`; needs ``k > 1``). Every sample is a sequence of
+   ``L_GKD``'s mean (an on-policy example counts ``k`` times next to a fixed sequence's once). ``alpha = 1`` (default) is pure GKD and never calls
    the reward; ``alpha = 0`` drops the divergence from the loss (it is still logged); a reward
    identically 0 gives ``alpha * L_GKD``.
-4. **Update.** One optimizer step on the student.
+4. **Update.** One optimizer step on the student. With ``train.grad_accum_steps = k`` the batch is
+   collected whole (samples, teacher scores, rewards and their baseline) and the gradient pass runs
+   over ``k`` micro-batches of sequences, each backpropagated with its share of the loss: its rows'
+   Eq. 2 divided by the batch's sequence count, its on-policy rows' policy-gradient terms by the
+   batch's on-policy count. The update equals the whole batch's (TIP weighting, whose normaliser
+   needs every sequence's weights, is refused with accumulation).
+
+*Privileged teacher* (``teacher_template``; OPSD, tutorial ch. 6): the teacher scores every sequence,
+on-policy or fixed, after its own prompt rendered from the example (e.g.
+``"{prompt} [Answer: {answer}]"``), while the student reads the plain prompt; set on the rollout
+engine by the build step (:meth:`~rl_distill.rollout.RolloutEngine.set_teacher_template`). With
+``model.teacher: self`` the teacher is a frozen copy of the starting student.
 
 Special cases (documented configurations, also in :data:`SPECIAL_CASES`):
 
@@ -87,12 +105,13 @@ from rl_distill.agents.base import (
     group_baseline,
     sample_filter_from_spec,
     select_rows,
-    token_logprobs,
 )
+from rl_distill.agents.grpo import group_advantages
 from rl_distill.divergences import DIVERGENCES, divergence
 from rl_distill.filters import SampleFilter
 from rl_distill.objective import objective_weights
 from rl_distill.rollout import Rollout
+from rl_distill.rollout.engine import filtered_logprobs, template_fields
 from rl_distill.tasks import Example
 from rl_distill.weighting import importance_filter, token_importance
 
@@ -120,8 +139,14 @@ class GKDConfig(AgentConfig):
     """Fixed sequences when the coin says off-policy: dataset references, or teacher samples (SeqKD)."""
     target: Literal["teacher", "one_hot"] = "teacher"
     """Target distribution: the teacher's, or one-hot on the sequence's own tokens (SFT, SeqKD; lmbda=0)."""
-    baseline: Literal["leave_one_out", "batch_mean", "none"] = "leave_one_out"
-    """Reward baseline over the batch's on-policy samples: ``leave_one_out``, ``batch_mean`` or ``none``."""
+    baseline: Literal["leave_one_out", "batch_mean", "none", "group_norm"] = "leave_one_out"
+    """Reward baseline over the batch's on-policy samples (each prompt's group when samples_per_prompt > 1):
+    ``leave_one_out``, ``batch_mean``, ``none``, or ``group_norm`` ((r - mean) / (std + eps) per group; k > 1)."""
+    samples_per_prompt: int = 1
+    """On-policy samples per prompt, >= 1; k > 1 makes the reward baselines per-prompt groups."""
+    teacher_template: str | None = None
+    """Privileged teacher prompt (OPSD): a format string over ``prompt``, ``reference`` and metadata keys,
+    e.g. ``"{prompt} [Answer: {answer}]"``; the teacher reads it, the student the plain prompt. null: same prompt."""
     token_weighting: Literal["none", "tip_weight", "tip_filter"] = "none"
     """Token importance (TIP): ``none``, ``tip_weight`` (weighted Eq. 2) or ``tip_filter`` (keep scores >= tip_threshold)."""
     tip_threshold: float = 0.3
@@ -165,10 +190,27 @@ class GKDConfig(AgentConfig):
         if self.uses_reward and no_samples:
             what = f"beta_ext > 0 ({self.beta_ext})" if self.beta_ext else f"alpha < 1 ({self.alpha})"
             raise ValueError(f"{what} weights a reward on on-policy samples, but lmbda=0 gives none")
-        if self.baseline not in ("none", "batch_mean", "leave_one_out"):
+        if self.baseline not in ("none", "batch_mean", "leave_one_out", "group_norm"):
             raise ValueError(
-                f"baseline must be 'none', 'batch_mean' or 'leave_one_out', got {self.baseline!r}"
+                f"baseline must be 'none', 'batch_mean', 'leave_one_out' or 'group_norm', got {self.baseline!r}"
             )
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.baseline == "group_norm" and self.samples_per_prompt < 2:
+            raise ValueError(
+                "baseline 'group_norm' normalises within each prompt's group: it needs samples_per_prompt >= 2, "
+                f"got {self.samples_per_prompt}"
+            )
+        if self.samples_per_prompt > 1 and no_samples:
+            raise ValueError(
+                f"samples_per_prompt ({self.samples_per_prompt}) > 1 samples on-policy, but lmbda=0 gives none"
+            )
+        if self.samples_per_prompt > 1 and self.reject is not None:
+            raise ValueError(
+                "samples_per_prompt > 1 keeps groups of samples; reject would break them up: use one of the two"
+            )
+        if self.teacher_template is not None:
+            template_fields(self.teacher_template)  # a malformed template fails at load time
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(
                 f"token_weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {self.token_weighting!r}"
@@ -190,6 +232,11 @@ class GKDConfig(AgentConfig):
     def eval_beta(self) -> float:
         """The JSD beta reported at evaluation: this config's ``beta``."""
         return self.beta
+
+    @property
+    def needs_teacher(self) -> bool:
+        """SFT (one-hot targets on references) never calls the teacher; everything else does."""
+        return self.target != "one_hot" or self.off_policy == "teacher"
 
 
 #: The paper's special cases as ``GKDConfig`` overrides: ``GKDConfig(**SPECIAL_CASES["sft"])``.
@@ -245,10 +292,16 @@ class GKDAgent(Agent):
 
     config_cls = GKDConfig
     config: GKDConfig
+    supports_grad_accum = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sample_filter = self.config.reject_filter
+        if self.grad_accum_steps > 1 and self.config.token_weighting != "none":
+            raise ValueError(
+                f"train.grad_accum_steps: {self.grad_accum_steps} cannot be used with agent.token_weighting "
+                f"{self.config.token_weighting!r} (its normaliser needs the whole batch's weights); set one of them off"
+            )
 
     @property
     def lmbda_now(self) -> float:
@@ -297,7 +350,9 @@ class GKDAgent(Agent):
         off_rows = [i for i in range(len(examples)) if not on[i]]
         got = Collected([], [], 0)
         if on_rows:
-            prompts = [examples[i].prompt for i in on_rows]
+            k = cfg.samples_per_prompt  # each on-policy example's group of samples: rows i*k .. i*k+k-1
+            sampled_rows = [i for i in on_rows for _ in range(k)]
+            prompts = [examples[i].prompt for i in sampled_rows]
             sampled = self.engine.generate(prompts, cfg.sampling, generator=self.generator)
             kept, first, rows = self.reject_flawed(sampled, resample=cfg.reject_resample)
             if self.sample_filter is not None:
@@ -307,7 +362,7 @@ class GKDAgent(Agent):
                 got.rejected = sampled
             else:
                 got.rollouts.append(kept)
-                got.rows += [on_rows[k] for k in rows.tolist()]
+                got.rows += [sampled_rows[j] for j in rows.tolist()]
                 got.num_on_policy = len(rows)
         if off_rows:
             got.rollouts.append(self._fixed_sequences([examples[i] for i in off_rows]))
@@ -450,24 +505,48 @@ class GKDAgent(Agent):
         loss, per_seq, _ = self.divergence_terms(rollouts, student_logits)
         return loss, per_seq
 
-    def reward_loss(self, rollout: Rollout, student_logits: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    def reward_loss(
+        self,
+        rollout: Rollout,
+        student_logits: Tensor,
+        rewards: Tensor | None,
+        *,
+        advantages: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Eq. 5's reward term by REINFORCE on on-policy samples: ``-mean_i[(r_i - b_i) sum_t log pS(y_i,t)]``.
 
         Args:
             rollout: on-policy sequences.
             student_logits: ``(B, T, V)`` student logits on them, with gradient.
             rewards: ``(B,)`` external rewards.
+            advantages: ``(B,)`` advantages computed beforehand (a micro-batch's rows of the batch's);
+                ``rewards`` is then not read.
 
         Returns:
             The loss (to minimise) and the advantages ``r - b`` ``(B,)``.
         """
         cfg = self.config
         mask = rollout.completion_mask
-        logp = token_logprobs(student_logits, rollout.completion_ids, cfg.temperature)  # (B, T)
-        seq_logp = (logp * mask).sum(-1)  # (B,) log pS(y|x) at the sampling temperature
-        ones = torch.ones_like(rewards[:, None], dtype=torch.bool)
-        advantages = rewards - group_baseline(rewards[:, None], ones, cfg.baseline)[:, 0]  # (B,)
+        # The policy that sampled: temperature, then the top-k / top-p filter (renormalised).
+        logp = filtered_logprobs(
+            student_logits, rollout.completion_ids, cfg.temperature, cfg.top_k, cfg.top_p
+        )
+        seq_logp = (logp * mask).sum(-1)  # (B,) log pS(y|x) of the sampling policy
+        advantages = self.reward_advantages(rewards) if advantages is None else advantages  # (B,)
         return -(advantages.to(seq_logp.dtype) * seq_logp).mean(), advantages
+
+    def reward_advantages(self, rewards: Tensor) -> Tensor:
+        """``r_i - b_i`` with the configured baseline over the given on-policy rewards: ``(B,) -> (B,)``.
+
+        Over the whole batch, or within each prompt's group of ``samples_per_prompt`` rows (k > 1;
+        ``group_norm``: ``(r - mean_g) / (std_g + eps)``).
+        """
+        k = self.config.samples_per_prompt
+        if self.config.baseline == "group_norm":
+            return group_advantages(rewards, k)
+        ones = torch.ones_like(rewards[:, None], dtype=torch.bool)
+        group = k if k > 1 else None  # k = 1: the whole batch's on-policy samples
+        return rewards - group_baseline(rewards[:, None], ones, self.config.baseline, group)[:, 0]
 
     def objective(
         self, rollouts: Sequence[Rollout], num_on_policy: int, rewards: Tensor | None = None
@@ -513,6 +592,58 @@ class GKDAgent(Agent):
             loss = 0.0 * divergence_loss
         return loss, stats, per_seq
 
+    def _accumulated_objective(
+        self, rollouts: Sequence[Rollout], num_on_policy: int, rewards: Tensor | None
+    ) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`_objective` over ``grad_accum_steps`` micro-batches of rows, each backpropagated at once.
+
+        The advantages are computed on the whole batch first (their baseline spans every on-policy
+        row); each micro-batch's loss is its share of the Eq. 5 loss (module docstring, step 4).
+
+        Returns:
+            The step's loss (detached sum of the shares), statistics, and each sequence's Eq. 2 (detached).
+        """
+        distill_weight, reward_weight = objective_weights(self.alpha_now, self.config.beta_ext)
+        total = sum(len(r) for r in rollouts)
+        use_reward = reward_weight > 0 and rewards is not None and num_on_policy > 0
+        advantages = self.reward_advantages(rewards) if use_reward else None  # (num_on_policy,)
+        starts = [0]
+        for r in rollouts:
+            starts.append(starts[-1] + len(r))
+        loss_sum, pg_sum, per_seq = torch.zeros(()), 0.0, []
+        for rows in self.micro_batches(total):
+            loss: Tensor | None = None
+            for k, rollout in enumerate(rollouts):
+                local = rows[(rows >= starts[k]) & (rows < starts[k + 1])] - starts[k]
+                if local.numel() == 0:
+                    continue
+                part_rollout = select_rows(rollout, local)
+                logits = self.engine.score_student(part_rollout)  # (b, T, V), with gradient
+                div = self.sequence_divergence(part_rollout, logits)  # (b,) paper Eq. 2
+                per_seq.append(div.detach())
+                part = distill_weight * div.sum() / total if distill_weight > 0 else 0.0 * div.sum()
+                if use_reward and k == 0:  # the on-policy rollout comes first
+                    pg, _ = self.reward_loss(part_rollout, logits, None, advantages=advantages[local])
+                    pg = pg * (local.numel() / num_on_policy)  # its share of the on-policy mean
+                    pg_sum += float(pg.detach())
+                    part = part + reward_weight * pg
+                loss = part if loss is None else loss + part
+            assert loss is not None
+            self.accumulate_backward(loss)
+            loss_sum = loss_sum + loss.detach().cpu()
+        per_seq_all = torch.cat(per_seq)
+        stats = {"train/divergence": float(per_seq_all.mean())}
+        if use_reward:
+            assert advantages is not None and rewards is not None
+            stats.update(
+                {
+                    "train/pg_loss": pg_sum,
+                    "rollout/external_reward": float(rewards.mean()),
+                    "rollout/advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
+                }
+            )
+        return loss_sum, stats, per_seq_all
+
     # --- step -----------------------------------------------------------------------------
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
         """One GKD step (Algorithm 1, Eq. 5): collect sequences, score rewards, minimise the loss.
@@ -535,25 +666,32 @@ class GKDAgent(Agent):
             rewards = self.external_rewards(on_examples, rollouts[0])  # (num_on_policy,)
         t1 = time.perf_counter()
         self.student.train()
-        if got.rows:
-            loss, loss_stats, per_seq = self._objective(rollouts, num_on_policy, rewards)
-        else:  # every sample of this process was rejected, not those of others: a zero loss
-            assert got.rejected is not None
-            one = select_rows(got.rejected, torch.zeros(1, dtype=torch.long))
-            loss, loss_stats, per_seq = 0.0 * self.engine.score_student(one).sum(), {}, torch.zeros(0)
-        stats = self.optimizer_step(loss)
+        if got.rows and self.grad_accum_steps > 1:  # train.grad_accum_steps: backward per micro-batch
+            loss, loss_stats, per_seq = self._accumulated_objective(rollouts, num_on_policy, rewards)
+            stats = self.optimizer_step()
+        else:
+            if got.rows:
+                loss, loss_stats, per_seq = self._objective(rollouts, num_on_policy, rewards)
+            else:  # every sample of this process was rejected, not those of others: a zero loss
+                assert got.rejected is not None
+                one = select_rows(got.rejected, torch.zeros(1, dtype=torch.long))
+                loss, loss_stats, per_seq = 0.0 * self.engine.score_student(one).sum(), {}, torch.zeros(0)
+            stats = self.optimizer_step(loss)
         t2 = time.perf_counter()
 
         self.example_scores = [math.nan] * len(batch)
-        for row, value in zip(got.rows, per_seq.tolist()):
-            self.example_scores[row] = value
+        values: dict[int, list[float]] = {}
+        for row, value in zip(got.rows, per_seq.tolist()):  # k samples of one example: their mean
+            values.setdefault(row, []).append(value)
+        for row, vs in values.items():
+            self.example_scores[row] = sum(vs) / len(vs)
         generated = sum(int(r.lengths.sum()) for r in rollouts)
         stats.update(loss_stats)
         stats.update(got.stats)
         stats.update(
             {
                 "train/loss": float(loss.detach()),
-                "rollout/on_policy_fraction": num_on_policy / len(batch),
+                "rollout/on_policy_fraction": num_on_policy / self.config.samples_per_prompt / len(batch),
                 "time/generate": sum(r.timings.get("generate", 0.0) for r in rollouts),
                 "time/teacher": sum(r.timings.get("score", 0.0) for r in rollouts),
                 "time/student_update": t2 - t1,

@@ -27,7 +27,12 @@ sequence-level reverse KL, everything is an expectation under the student's own 
    forward as the logits, trained by MSE on ``G_t`` with its own param group). Baselines of returns
    that vary per token are taken position by position. ``norm_adv`` whitens the advantages.
 5. **Loss.** ``pg_loss = mean_i sum_t -A_it log pS(y_it)`` plus
-   ``vf_coef * 0.5 * mean_t (V(s_t) - G_t)^2``; one optimizer step.
+   ``vf_coef * 0.5 * mean_t (V(s_t) - G_t)^2``; one optimizer step. With ``train.grad_accum_steps = k``
+   the rollout is sampled and scored whole, and the loss runs over ``k`` micro-batches of whole
+   prompt groups (so the RLOO and batch-mean baselines, taken within each prompt's ``k`` samples,
+   are unchanged), each backpropagated with its share: ``pg_loss`` times its share of the
+   sequences, the value loss times its share of the tokens. The update equals the whole batch's
+   (``norm_adv``, which whitens over the whole batch, is refused with accumulation).
 
 With ``gamma = 1``, a baseline independent of the token it multiplies and of later ones (``none``,
 ``leave_one_out``, ``value``), no whitening and no length normalisation, the expected gradient of
@@ -61,6 +66,7 @@ from rl_distill.agents.base import (
     hidden_size_of,
     masked_mean,
     masked_whiten,
+    select_rows,
     sequence_loss,
 )
 from rl_distill.objective import (
@@ -222,10 +228,16 @@ class REINFORCEAgent(Agent):
 
     config_cls = REINFORCEConfig
     config: REINFORCEConfig
+    supports_grad_accum = True
 
     def __init__(self, engine, optimizer, config: REINFORCEConfig | None = None, **kwargs) -> None:  # noqa: D417
         super().__init__(engine, optimizer, config, **kwargs)
         config = self.config
+        if self.grad_accum_steps > 1 and config.norm_adv:
+            raise ValueError(
+                f"train.grad_accum_steps: {self.grad_accum_steps} cannot be used with agent.norm_adv (it whitens "
+                "over the whole batch's tokens); set one of them off"
+            )
         self.value_head: ValueHead | None = None
         if config.baseline == "value":
             head = ValueHead(hidden_size_of(self.student))
@@ -253,7 +265,12 @@ class REINFORCEAgent(Agent):
 
     # --- loss -----------------------------------------------------------------------------
     def loss(
-        self, rollout: Rollout, external: Tensor | None = None, *, weights: Tensor | None = None
+        self,
+        rollout: Rollout,
+        external: Tensor | None = None,
+        *,
+        weights: Tensor | None = None,
+        shares: tuple[float, float] = (1.0, 1.0),
     ) -> tuple[Tensor, dict[str, float]]:
         """Rewards, returns, advantages and the REINFORCE loss of one scored rollout.
 
@@ -262,6 +279,8 @@ class REINFORCEAgent(Agent):
             external: ``(B,)`` external rewards, or None.
             weights: ``(B,)`` sequence weights for the policy-gradient term instead of ``1/B``
                 (with exact sequence probabilities the loss's gradient is the exact expected gradient).
+            shares: ``(sequences, tokens)``: this rollout's share of the whole batch's sequences and
+                completion tokens (a micro-batch's); they scale the policy-gradient and value losses.
 
         Returns:
             The loss (policy gradient plus weighted value loss) and float statistics.
@@ -304,11 +323,12 @@ class REINFORCEAgent(Agent):
             norm_adv=cfg.norm_adv,
         )
         pg_loss = policy_gradient_loss(logprobs, advantages, mask, weights=weights)
-        loss = pg_loss
+        seq_share, token_share = shares
+        loss = pg_loss * seq_share
         stats = {"train/pg_loss": float(pg_loss.detach())}
         if values is not None:
             value_loss = 0.5 * masked_mean((values - returns.to(values.dtype)) ** 2, mask)
-            loss = pg_loss + cfg.vf_coef * value_loss
+            loss = loss + cfg.vf_coef * value_loss * token_share
             stats["train/value_loss"] = float(value_loss.detach())
             stats["train/explained_variance"] = explained_variance(values.detach(), returns, mask)
 
@@ -327,6 +347,26 @@ class REINFORCEAgent(Agent):
             stats["rollout/external_reward"] = float(external.mean())
         return loss, stats
 
+    def accumulated_loss(self, rollout: Rollout, external: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`loss` over ``grad_accum_steps`` micro-batches of whole prompt groups, each backpropagated.
+
+        Returns:
+            The step's loss (detached sum of the shares) and the statistics, each micro-batch's weighted
+            by its share of the sequences (the value loss by its share of the tokens).
+        """
+        n, tokens = len(rollout), max(1, int(rollout.completion_mask.sum()))
+        loss_sum, stats_sum = torch.zeros(()), {}
+        for rows in self.micro_batches(n, group_size=self.config.samples_per_prompt):
+            part = select_rows(rollout, rows.to(rollout.completion_ids.device))
+            shares = (len(rows) / n, int(part.completion_mask.sum()) / tokens)
+            loss, stats = self.loss(part, None if external is None else external[rows], shares=shares)
+            self.accumulate_backward(loss)
+            loss_sum = loss_sum + loss.detach().cpu()
+            for key, value in stats.items():
+                share = shares[1] if key == "train/value_loss" else shares[0]
+                stats_sum[key] = stats_sum.get(key, 0.0) + share * value
+        return loss_sum, stats_sum
+
     # --- step -----------------------------------------------------------------------------
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
         """One REINFORCE step: sample k completions per prompt, then one gradient step."""
@@ -334,8 +374,12 @@ class REINFORCEAgent(Agent):
         rollout, external = self.collect(batch)
         t1 = time.perf_counter()
         self.student.train()
-        loss, loss_stats = self.loss(rollout, external)
-        stats = self.optimizer_step(loss)
+        if self.grad_accum_steps > 1:  # train.grad_accum_steps: backward per micro-batch
+            loss, loss_stats = self.accumulated_loss(rollout, external)
+            stats = self.optimizer_step()
+        else:
+            loss, loss_stats = self.loss(rollout, external)
+            stats = self.optimizer_step(loss)
         t2 = time.perf_counter()
         stats.update(loss_stats)
         stats.update(

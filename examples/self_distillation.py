@@ -142,7 +142,8 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                     eval={"greedy": True, "reward": "exact_match", "num_samples": 2},
                     labels={"experiment": m["experiment"], "num_eval": args.num_eval},
                     threads=args.threads,
-                    model=m["model"],
+                    # teacher self / null: the config names the student (the tokenizer's source)
+                    model={**m["model"], "student": str(args.artifacts / "student")} if m["model"] else {},
                 )
             )
     return jobs

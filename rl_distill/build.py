@@ -15,6 +15,7 @@ This module and the config schema are the only parts of the core that import ``a
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -38,10 +39,13 @@ from rl_distill.models import (
     resolve_dtype,
     student_from_config,
 )
+from rl_distill.models.lora import BASE_OF_STUDENT, prepare_models
+from rl_distill.precision import grad_scaler
 from rl_distill.rewards import CheckedReward
 from rl_distill.rewards.registry import resolve_reward
 from rl_distill.rollout import PromptTooLongError, RolloutEngine
 from rl_distill.tasks import TaskData, load_task
+from rl_distill.tasks.hf_dataset import check_rendered_prompts
 
 Models = tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -56,7 +60,9 @@ __all__ = [
     "build_models",
     "build_run",
     "check_prompts_fit",
+    "copy_weights",
     "env_kwargs",
+    "frozen_copy",
     "load_agent_tensors",
     "lr_factor",
     "seed_everything",
@@ -72,20 +78,37 @@ def seed_everything(seed: int) -> None:
 
 def build_models(
     config: Config, device: torch.device
-) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel | None, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the teacher, build or load the student, and check that they share a tokenizer.
 
+    ``model.teacher: self`` makes the teacher a frozen copy of the loaded student
+    (:func:`frozen_copy`); ``null`` loads no teacher. Both take the student's own tokenizer.
+
     Returns:
-        ``(teacher, student, tokenizer)``.
+        ``(teacher, student, tokenizer)``; the teacher is None with ``model.teacher: null`` (and
+        ``base_of_student``, made later by :func:`~rl_distill.models.lora.prepare_models`).
     """
     mc = config.model
-    tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
-    if mc.student is not None:
+    if mc.teacher in (None, "self"):  # self-distillation, or no teacher at all (SPIN, GRPO)
+        assert mc.student is not None  # the config requires it
+        tokenizer = load_tokenizer(mc.student, trust_remote_code=mc.trust_remote_code)
+        student = load_causal_lm(
+            mc.student, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
+        ).train()
+        return (frozen_copy(student) if mc.teacher == "self" else None), student, tokenizer
+    # LoRA self-distillation: no teacher to load, it is the student's base (rl_distill.models.lora).
+    base_teacher = mc.teacher == BASE_OF_STUDENT
+    tokenizer = load_tokenizer(
+        mc.student if base_teacher else mc.teacher, trust_remote_code=mc.trust_remote_code
+    )
+    if mc.student is not None and not base_teacher:
         # Check tokenizers before loading the (possibly large) student weights.
         check_tokenizers_match(tokenizer, load_tokenizer(mc.student, trust_remote_code=mc.trust_remote_code))
-    teacher = load_causal_lm(
-        mc.teacher, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
-    )
+    teacher = None
+    if not base_teacher:
+        teacher = load_causal_lm(
+            mc.teacher, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
+        )
     if mc.student is not None:
         student = load_causal_lm(
             mc.student, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
@@ -100,9 +123,41 @@ def build_models(
             num_layers=layers if isinstance(layers, int) else None,
             layers=layers if isinstance(layers, list) else None,
         )
-    teacher.eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     student.train()
     return teacher, student, tokenizer
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of ``model`` in eval mode without gradients: the ``model.teacher: self`` teacher."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def resolve_teacher(
+    config: Config, teacher: PreTrainedModel | None, student: PreTrainedModel
+) -> PreTrainedModel | None:
+    """The teacher of pre-built models: a frozen copy of the student for ``model.teacher: self``.
+
+    Raises:
+        ValueError: pre-built models that contradict ``model.teacher`` (a teacher passed in for
+            ``self`` or ``null``).
+    """
+    name = config.model.teacher
+    if name not in (None, "self"):
+        return teacher
+    if teacher is not None:
+        raise ValueError(
+            f"model.teacher is {name!r}, but a teacher model was passed in; pass None "
+            "(teacher: self copies the student)"
+        )
+    return frozen_copy(student) if name == "self" else None
+
+
+def copy_weights(source: PreTrainedModel, target: PreTrainedModel) -> None:
+    """``target``'s weights become ``source``'s (``model.teacher_refresh_every``); ``target`` stays frozen."""
+    with torch.no_grad():
+        target.load_state_dict(source.state_dict())
 
 
 def check_prompts_fit(engine: RolloutEngine, task: TaskData, max_new_tokens: int) -> None:
@@ -111,14 +166,18 @@ def check_prompts_fit(engine: RolloutEngine, task: TaskData, max_new_tokens: int
     Raises:
         PromptTooLongError: naming the split, the example and the sizes.
     """
+    teacher_prompts = engine.teacher_prompt_map or {}  # privileged teacher prompts (OPSD), if any
     for split, examples in (("train", task.train), ("eval", task.eval)):
         for i, ex in enumerate(examples):
-            length = len(engine.encoder.token_ids(ex.prompt))
-            if length + max_new_tokens > engine.context_length:
-                raise PromptTooLongError(
-                    f"{split} prompt {i} has {length} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                    f"the models' context length {engine.context_length}: {ex.prompt[:60]!r}"
-                )
+            for what, text in (("prompt", ex.prompt), ("teacher prompt", teacher_prompts.get(ex.prompt))):
+                if text is None:
+                    continue
+                length = len(engine.encoder.token_ids(text))
+                if length + max_new_tokens > engine.context_length:
+                    raise PromptTooLongError(
+                        f"{split} {what} {i} has {length} tokens; with max_new_tokens={max_new_tokens} it "
+                        f"exceeds the models' context length {engine.context_length}: {text[:60]!r}"
+                    )
 
 
 def build_eval_reward(config: Config) -> CheckedReward | None:
@@ -158,7 +217,7 @@ class Run:
         config: the validated configuration.
         dist: the process group (one process without Accelerate).
         task: train and held-out examples.
-        teacher: the frozen teacher.
+        teacher: the frozen teacher (None with ``model.teacher: null``).
         student: the student (DDP-wrapped inside ``engine`` and ``agent`` under several processes).
         tokenizer: the shared tokenizer.
         engine: the rollout engine over student and teacher.
@@ -174,7 +233,7 @@ class Run:
     config: Config
     dist: Distributed
     task: TaskData
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     engine: RolloutEngine
@@ -216,10 +275,24 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
     task = task or load_task(
         dc.task, seed=dc.seed, num_train=dc.num_train, num_eval=dc.num_eval, **dc.options
     )
-    teacher, student, tokenizer = models or build_models(config, dist.device)
+    if models is not None:
+        teacher, student, tokenizer = models
+        teacher = resolve_teacher(config, teacher, student)  # teacher: self copies the student
+    else:
+        teacher, student, tokenizer = build_models(config, dist.device)
+    # model.lora, model.teacher (base_of_student), model.teacher_dtype, train.precision and
+    # train.gradient_checkpointing: rl_distill.models.lora.prepare_models.
+    teacher, student = prepare_models(config.model, config.train, teacher, student, dist.device)
     engine = RolloutEngine(student, teacher, tokenizer, chat_template=config.model.chat_template)
+    template = getattr(config.agent, "teacher_template", None)
+    if template:  # privileged teacher prompts (OPSD), one per example of both splits
+        try:
+            engine.set_teacher_template(template, [*task.train, *task.eval])
+        except ValueError as err:
+            raise ConfigError(f"agent.{err}") from None
     run = Run(config, dist, task, teacher, student, tokenizer, engine, eval_reward=None)
     check_prompts_fit(engine, task, max(run.max_new_tokens, run.eval_max_new_tokens))
+    check_rendered_prompts(task, engine.encoder.use_chat_template)
     run.eval_reward = build_eval_reward(config)
     return run
 
@@ -245,6 +318,8 @@ def build_run(config: Config, *, models: Models | None = None, task: TaskData | 
     # Each process samples its own stream; batches are drawn from one shared order.
     run.generator = torch.Generator(device=dist.device).manual_seed(tc.seed + dist.rank)
     run.agent = build_agent(run)
+    if hasattr(run.agent, "set_heldout"):  # SPIN's end-of-round saturation check reads held-out prompts
+        run.agent.set_heldout(run.task.eval)
     # After the agent: its own param group (value head) must follow the schedule too.
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.steps, schedule=tc.lr_schedule)
@@ -280,6 +355,8 @@ def build_agent(run: Run) -> Agent:
     """
     assert run.optimizer is not None and run.generator is not None
     agent_cls, _ = AGENTS[run.config.agent_name]
+    tc = run.config.train
+    scaler = grad_scaler(tc.precision, run.dist.device)  # fp16 only
     agent = agent_cls(
         run.engine,
         run.optimizer,
@@ -287,6 +364,8 @@ def build_agent(run: Run) -> Agent:
         max_grad_norm=run.config.train.max_grad_norm,
         generator=run.generator,
         **({"accelerator": run.dist.accelerator} if run.dist.enabled else {}),
+        **({"grad_accum_steps": tc.grad_accum_steps} if tc.grad_accum_steps > 1 else {}),
+        **({"grad_scaler": scaler} if scaler is not None else {}),
     )
     known = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     missing = [p for p in agent.extra_parameters() if p.requires_grad and id(p) not in known]
@@ -322,10 +401,20 @@ def env_kwargs(config: Config, num_prompts: int) -> dict[str, Any]:
     The prompts are the first ``num_prompts`` training examples (with their metadata).
     """
     mc, dc, agent = config.model, config.data, config.agent
+    if mc.teacher is None:
+        raise ConfigError(
+            "model.teacher: the token-generation environment's reward is the teacher's; it is null"
+        )
+    if getattr(agent, "teacher_template", None):
+        raise ConfigError(
+            "agent.teacher_template: the environments score with the student's prompt; privileged teacher "
+            "prompts are not supported there"
+        )
     task = load_task(dc.task, seed=dc.seed, num_train=dc.num_train, num_eval=dc.num_eval, **dc.options)
-    tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
+    source = mc.student if mc.teacher == "self" else mc.teacher  # self: the starting student
+    tokenizer = load_tokenizer(source, trust_remote_code=mc.trust_remote_code)
     teacher = load_causal_lm(
-        mc.teacher, dtype=mc.dtype, device=resolve_device(mc.device), trust_remote_code=mc.trust_remote_code
+        source, dtype=mc.dtype, device=resolve_device(mc.device), trust_remote_code=mc.trust_remote_code
     )
     kwargs: dict[str, Any] = {
         "teacher": (teacher.eval().requires_grad_(False), tokenizer),
@@ -335,6 +424,8 @@ def env_kwargs(config: Config, num_prompts: int) -> dict[str, Any]:
         "alpha": agent.schedules["alpha"].at(0.0),
         "reward": resolve_reward(agent.reward),
         "max_new_tokens": agent.max_new_tokens,
+        "beta_ext": agent.beta_ext,
+        "teacher_temperature": agent.teacher_temp,
     }
     if mc.chat_template is not None:
         kwargs["chat_template"] = mc.chat_template

@@ -5,6 +5,7 @@ Layout of a run folder (``train.output_dir``)::
     checkpoints/
       step-20/                  # one complete checkpoint per saved step
         student.safetensors     # student weights (shared/tied tensors stored once)
+        adapter.safetensors     # instead, for a LoRA student (model.lora): only the adapters
         extra.safetensors       # the agent's extra parameters (value heads...), if any
         optimizer.pt            # optimizer state_dict
         trainer_state.pt        # scheduler, RNG states of every process, data position, counters
@@ -43,9 +44,13 @@ import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor
 
+from rl_distill.models.lora import adapter_state_dict, is_lora, load_adapter_state_dict
+
 CHECKPOINTS = "checkpoints"
 FORMAT = 2  # 2: meta.json records run_id, config_hash and the size of every file
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: The adapters of a LoRA student (its frozen base is rebuilt from the configuration on resume).
+ADAPTER_FILE = "adapter.safetensors"
 
 
 @contextlib.contextmanager
@@ -350,7 +355,8 @@ def save_checkpoint(
     Args:
         root: the checkpoints folder.
         step: the global step the state belongs to (steps taken so far).
-        student: the (unwrapped) student; saved with safetensors, tied tensors once.
+        student: the (unwrapped) student; saved with safetensors, tied tensors once (a LoRA student:
+            only its adapters, to ``adapter.safetensors``).
         extra: the agent's extra parameters by name (value heads...).
         optimizer: its ``state_dict`` is saved.
         trainer_state: scheduler state, RNG states, data position, counters (``torch.save``-able).
@@ -364,7 +370,11 @@ def save_checkpoint(
     """
     target = Path(root) / f"step-{step}"
     with atomic_directory(target) as tmp:
-        save_model(student, str(tmp / "student.safetensors"))
+        if is_lora(student):  # only the adapters train; the frozen base comes from the configuration
+            adapters = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(student).items()}
+            save_file(adapters, str(tmp / ADAPTER_FILE))
+        else:
+            save_model(student, str(tmp / "student.safetensors"))
         if extra:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors")
@@ -401,7 +411,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_student_weights(path: str | Path, student: torch.nn.Module) -> None:
-    """Load ``student.safetensors`` of checkpoint ``path`` into ``student`` (strict)."""
+    """Load ``student.safetensors`` of checkpoint ``path`` into ``student`` (strict); a LoRA student's adapters.
+
+    Raises:
+        ValueError: the weights do not match the student (or one is LoRA and the other not).
+    """
+    adapter = Path(path) / ADAPTER_FILE
+    if adapter.is_file() or is_lora(student):
+        if not adapter.is_file():
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds a whole student, but the student has LoRA adapters (model.lora)"
+            )
+        if not is_lora(student):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds LoRA adapters (model.lora), but the student has none"
+            )
+        load_adapter_state_dict(student, load_file(str(adapter)), where=f"checkpoint {str(path)!r}")
+        return
     missing, unexpected = load_model(student, str(Path(path) / "student.safetensors"), strict=False)
     # Tied weights are stored once; a missing key is only fine when it is tied to a stored one.
     if unexpected or [k for k in missing if not _is_tied(student, k)]:

@@ -39,8 +39,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Teacher and student models."""
 
-    teacher: str = "smollm2-135m-instruct"
-    """Teacher: a built-in name (``smollm2-135m-instruct``), a local checkpoint folder or a cached hub id."""
+    teacher: str | None = "smollm2-135m-instruct"
+    """Teacher: a built-in name (``smollm2-135m-instruct``), a local checkpoint folder or a cached hub id;
+    ``self``: a frozen copy of the student as it starts (self-distillation); null: no teacher (SPIN, GRPO)."""
     student: str | None = None
     """Student checkpoint (folder or id); None builds the student from the teacher (``student_layers``)."""
     student_layers: int | list[int] | None = 6
@@ -55,10 +56,34 @@ class ModelConfig:
     """Allow custom modelling code from checkpoints (off unless you trust the source)."""
     chat_template: bool | None = None
     """Wrap prompts in the tokenizer's chat template: true, false, or null = if the tokenizer has one."""
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Parameter dtype of the teacher alone (``bfloat16`` next to a float32 student halves its memory); null: ``dtype``."""
+    lora: dict[str, Any] | None = None
+    """Train LoRA adapters instead of the whole student: ``{r, alpha, dropout, target_modules, merge_on_save}``
+    (``rl_distill.models.lora.LoraSpec``; needs ``rl-distill[lora]``); null: full fine-tuning. With
+    ``teacher: base_of_student`` the teacher is the student's base model with the adapters disabled."""
+    teacher_refresh_every: int = 0
+    """With ``teacher: self``: copy the student into the teacher again every N steps (0: never), >= 0."""
 
     def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ConfigError("teacher: must name a model")
+        if self.teacher is not None and not self.teacher:
+            raise ConfigError(
+                "teacher: must name a model, 'self' (a frozen copy of the student) or null (none)"
+            )
+        if self.teacher in (None, "self") and self.student is None:
+            what = "'self'" if self.teacher == "self" else "null"
+            raise ConfigError(
+                f"teacher: {what} needs student (a checkpoint with its tokenizer): without a teacher model the "
+                "student cannot be built from its layers or its vocabulary"
+            )
+        if self.teacher_refresh_every < 0:
+            raise ConfigError(f"teacher_refresh_every: must be >= 0, got {self.teacher_refresh_every}")
+        if self.teacher_refresh_every and self.teacher != "self":
+            raise ConfigError(
+                "teacher_refresh_every: re-copies the student into the teacher; it needs teacher: self, "
+                f"got teacher: {self.teacher!r}"
+            )
+        self._check_lora()
         if self.student is None and self.student_config is None:
             if self.student_layers is None:
                 raise ConfigError("student_layers: needed when student and student_config are null")
@@ -73,6 +98,27 @@ class ModelConfig:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             raise ConfigError(
                 f"device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
+            )
+
+    def _check_lora(self) -> None:
+        """Parse ``lora`` (``self.lora_spec``) and check ``teacher: base_of_student`` (LoRA self-distillation)."""
+        from rl_distill.models.lora import BASE_OF_STUDENT, lora_spec
+
+        self.lora_spec = lora_spec(self.lora)
+        if self.teacher != BASE_OF_STUDENT:
+            return
+        if self.lora is None:
+            raise ConfigError(
+                f"teacher: {BASE_OF_STUDENT!r} needs model.lora (the adapters train; the teacher is the "
+                "student with them disabled)"
+            )
+        if self.student is None:
+            raise ConfigError(
+                f"student: model.teacher {BASE_OF_STUDENT!r} needs the student checkpoint whose base model is the teacher"
+            )
+        if self.teacher_dtype is not None:
+            raise ConfigError(
+                f"teacher_dtype: model.teacher {BASE_OF_STUDENT!r} shares the student's weights; leave it null"
             )
 
 
@@ -163,13 +209,27 @@ class TrainConfig:
     """A fresh run into an ``output_dir`` holding another run moves that run aside (else it is refused)."""
     allow_code_rewards: bool = False
     """Allow rewards given as ``module:function`` (they import and run that code); the CLI's ``--allow-code``."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of each training step (``bf16``, ``fp16`` with a loss scaler): float32 master weights,
+    float32 divergences; distinct from ``model.dtype``. A precision the device cannot run fails at start."""
+    grad_accum_steps: int = 1
+    """Micro-batches of each step's gradient pass (1..batch_size): the same update as the whole batch, less memory."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's activations in its backward pass (less memory); sampling keeps the KV cache."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
     ``rl_distill.curriculum.CurriculumConfig`` field; deterministic under ``seed``, resumed exactly."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_batch_size", "keep_last", "max_consecutive_skips"):
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_batch_size",
+            "keep_last",
+            "max_consecutive_skips",
+            "grad_accum_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "threads", "save_every"):
@@ -181,6 +241,10 @@ class TrainConfig:
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm: must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.grad_accum_steps > self.batch_size:
+            raise ConfigError(
+                f"grad_accum_steps: must be <= train.batch_size ({self.batch_size}), got {self.grad_accum_steps}"
+            )
         self.curriculum_config = curriculum_config(self.curriculum)
         out = Path(self.output_dir).expanduser()
         self.output_dir = str(out)
@@ -440,9 +504,33 @@ def config_from_dict(raw: dict[str, Any], *, allow_code: bool = True) -> Config:
         agent_name=agent_name,
         eval=build_dataclass(EvalConfig, raw.get("eval"), "eval"),
     )
+    check_teacher_needed(config)
     if not allow_code:
         check_code_allowed(config)
     return config
+
+
+def check_teacher_needed(config: Config) -> None:
+    """An agent that scores with a teacher needs one; a teacher template needs a teacher to read it.
+
+    Raises:
+        ConfigError: naming ``model.teacher`` or ``agent.teacher_template``.
+    """
+    agent, name = config.agent, config.agent_name
+    needs = getattr(agent, "needs_teacher", True)
+    if config.model.teacher is None and needs:
+        raise ConfigError(
+            f"model.teacher: null (no teacher), but agent {name!r} with these settings scores with a teacher "
+            "(its divergence or rewards); name a teacher, use teacher: self, or an agent without one (spin, grpo)"
+        )
+    template = getattr(agent, "teacher_template", None)
+    if template and (config.model.teacher is None or not needs):
+        why = (
+            "there is no teacher (model.teacher: null)"
+            if config.model.teacher is None
+            else f"agent {name!r} with these settings never scores with the teacher"
+        )
+        raise ConfigError(f"agent.teacher_template: {why} to read it")
 
 
 def _takes_mapping(section: str, name: str, raw: dict[str, Any]) -> bool:

@@ -1,5 +1,10 @@
 """Held-out evaluation: divergence of the student to the teacher on the student's own completions.
 
+Without a teacher (``model.teacher: null``: SPIN, verifier-only GRPO) the rows carry the completion
+length and the reward only: no divergence and no teacher log-prob, and nothing scores with a teacher.
+With a privileged teacher prompt (``agent.teacher_template``) the divergences are to the teacher
+reading its own prompt (the run's training target).
+
 For each held-out prompt the student writes a completion (sampled at a fixed seed, or greedy), the
 teacher scores it, and we record the paper-Eq.-2 token-level divergences on that sequence, its
 length, the teacher's mean log-prob of its tokens and, when a reward is configured, the reward
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
 
 #: Per-example metrics, in the order they are reported.
 METRICS = ("jsd", "forward_kl", "reverse_kl", "completion_length", "teacher_logprob")
+#: The metrics that need a teacher (absent from the rows of a run without one).
+TEACHER_METRICS = ("jsd", "forward_kl", "reverse_kl", "teacher_logprob")
 
 
 def metric_name(reward_name: str) -> str:
@@ -67,7 +74,8 @@ def evaluation_rows(
 
     Returns:
         Rows with keys ``index``, ``prompt``, ``reference``, ``completion``, the :data:`METRICS`
-        and ``reward`` (None without a reward).
+        (without the :data:`TEACHER_METRICS` when the engine has no teacher) and ``reward`` (None
+        without a reward).
     """
     generator = torch.Generator(device=engine.device).manual_seed(seed)
     temp = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -75,15 +83,20 @@ def evaluation_rows(
     for lo in range(0, len(examples), batch_size):
         batch = list(examples[lo : lo + batch_size])
         prompts = [ex.prompt for ex in batch]
-        r = engine.rollout(prompts, sampling, teacher_output="full", generator=generator)
-        t, s, m = r.teacher_logits, engine.score_student(r), r.completion_mask  # (B, T, V), (B, T, V), (B, T)
-        per_seq = {
-            "jsd": generalized_jsd(t, s, m, beta=beta, temperature=temp, reduction="sequence"),
-            "forward_kl": forward_kl(t, s, m, temperature=temp, reduction="sequence"),
-            "reverse_kl": reverse_kl(t, s, m, temperature=temp, reduction="sequence"),
-            "completion_length": r.lengths.float(),
-            "teacher_logprob": r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1),
-        }  # each (B,)
+        if not engine.has_teacher:  # no teacher: nothing to score or compare with
+            r = engine.generate(prompts, sampling, generator=generator)
+            per_seq = {"completion_length": r.lengths.float()}
+        else:
+            r = engine.rollout(prompts, sampling, teacher_output="full", generator=generator)
+            # (B, T, V), (B, T, V), (B, T)
+            t, s, m = r.teacher_logits, engine.score_student(r), r.completion_mask
+            per_seq = {
+                "jsd": generalized_jsd(t, s, m, beta=beta, temperature=temp, reduction="sequence"),
+                "forward_kl": forward_kl(t, s, m, temperature=temp, reduction="sequence"),
+                "reverse_kl": reverse_kl(t, s, m, temperature=temp, reduction="sequence"),
+                "completion_length": r.lengths.float(),
+                "teacher_logprob": r.teacher_logprobs.sum(-1) / r.lengths.clamp(min=1),
+            }  # each (B,)
         completions = engine.decode(r)
         rewards = score_examples(reward, batch, completions) if reward is not None else None
         for i, ex in enumerate(batch):
@@ -104,13 +117,15 @@ def summarize_rows(
 ) -> dict[str, float]:
     """Means over examples: ``<prefix>jsd`` ... and ``<prefix><reward name>`` when rows carry rewards.
 
+    Only the :data:`METRICS` every row has (rows of a run without a teacher have no divergences).
+
     Raises:
         ValueError: no rows.
     """
     if not rows:
         raise ValueError("held-out evaluation needs at least one example")
     n = len(rows)
-    out = {f"{prefix}{k}": sum(row[k] for row in rows) / n for k in METRICS}
+    out = {f"{prefix}{k}": sum(row[k] for row in rows) / n for k in METRICS if all(k in row for row in rows)}
     if reward_name is not None and all(row.get("reward") is not None for row in rows):
         out[f"{prefix}{metric_name(reward_name)}"] = sum(row["reward"] for row in rows) / n
     return out

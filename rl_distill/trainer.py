@@ -43,6 +43,7 @@ from rl_distill.build import (
     build_eval_reward,
     build_models,
     build_run,
+    copy_weights,
     load_agent_tensors,
     lr_factor,
     seed_everything,
@@ -51,6 +52,8 @@ from rl_distill.config import Config
 from rl_distill.distributed import resolve_device
 from rl_distill.evaluation import evaluate
 from rl_distill.logger import MetricsLogger, Progress, truncate_jsonl
+from rl_distill.models.lora import is_lora, save_final_lora
+from rl_distill.precision import autocast
 from rl_distill.tasks import Example, TaskData
 
 __all__ = [
@@ -66,6 +69,8 @@ __all__ = [
     "seed_everything",
 ]
 
+#: Key prefix of the refreshed self-teacher's weights among a checkpoint's extra tensors.
+TEACHER_PREFIX = "teacher/"
 #: Files a run writes at the top of its ``output_dir`` (what makes a folder "hold a run").
 RUN_FILES = ("run.json", "metrics.jsonl", "hparams.json", "samples.jsonl", "summary.json")
 #: Fields that may change between a run and its resumption (budget, logging, bookkeeping).
@@ -82,6 +87,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.overwrite",
         "train.allow_code_rewards",
         "train.max_consecutive_skips",
+        # Memory only: the same updates (grad_accum_steps: up to float rounding).
+        "train.gradient_checkpointing",
+        "train.grad_accum_steps",
         "train.eval_batch_size",
         "train.eval_seed",
         "model.device",
@@ -286,9 +294,12 @@ class Trainer:
         advances only with the optimizer; the agent's value schedules follow the step.
         """
         skipped_before, empty_before = self.agent.skipped_steps, self.agent.empty_steps
+        self._refresh_teacher()
         batch = self.next_batch()
         self.agent.set_progress(self.step, self.config.train.steps)
-        stats = self.dist.reduce_stats(self.agent.update(batch))
+        with autocast(self.config.train.precision, self.device):  # train.precision; backward runs outside
+            update_stats = self.agent.update(batch)
+        stats = self.dist.reduce_stats(update_stats)
         self._feed_curriculum()
         skipped = self.agent.skipped_steps > skipped_before
         if not skipped and self.agent.empty_steps == empty_before:  # the LR follows the optimizer steps
@@ -302,6 +313,21 @@ class Trainer:
             stats["train/empty_steps"] = float(self.agent.empty_steps)
         stats["time/tokens_per_s"] = stats.get("time/tokens", 0.0) / max(stats.get("time/step", 1e-9), 1e-9)
         return stats
+
+    def _refresh_teacher(self) -> None:
+        """``model.teacher_refresh_every = N`` (``teacher: self``): the teacher re-copies the student.
+
+        Before steps N, 2N, ... the teacher becomes a frozen copy of the student as it is then.
+        """
+        every = self.config.model.teacher_refresh_every
+        if every and self.step > 0 and self.step % every == 0:
+            copy_weights(self.student, self.run.teacher)
+
+    def _teacher_tensors(self) -> dict[str, Any]:
+        """The refreshed teacher's weights for a checkpoint (``teacher/<name>``); empty when it never changes."""
+        if not self.config.model.teacher_refresh_every:
+            return {}
+        return {f"{TEACHER_PREFIX}{k}": v.clone() for k, v in self.run.teacher.state_dict().items()}
 
     def _feed_curriculum(self) -> None:
         """Give the curriculum the agent's per-example measurements of the last batch (every process's)."""
@@ -456,12 +482,14 @@ class Trainer:
             }
             if self.curriculum is not None:
                 state["curriculum"] = self.curriculum.state_dict()
+            if self.agent.grad_scaler is not None:  # train.precision: fp16
+                state["grad_scaler"] = self.agent.grad_scaler.state_dict()
             config = self.config.to_dict()
             ckpt.save_checkpoint(
                 self.checkpoint_root,
                 self.step,
                 student=self.student,
-                extra=agent_tensors(self.agent),
+                extra={**agent_tensors(self.agent), **self._teacher_tensors()},
                 optimizer=self.optimizer,
                 trainer_state=state,
                 config=config,
@@ -532,7 +560,11 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG states, data position and counters from ``path``."""
         state = ckpt.load_checkpoint(path, student=self.student, optimizer=self.optimizer)
-        load_agent_tensors(self.agent, state["extra"])
+        extra = state["extra"]
+        teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in extra.items() if k.startswith(TEACHER_PREFIX)}
+        if teacher:  # a refreshed self-teacher (model.teacher_refresh_every)
+            self.run.teacher.load_state_dict(teacher)
+        load_agent_tensors(self.agent, {k: v for k, v in extra.items() if not k.startswith(TEACHER_PREFIX)})
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"]
         # The same process count resumes exactly; another count reuses rank 0's streams per rank.
@@ -545,20 +577,36 @@ class Trainer:
         self.agent.empty_steps = int(state.get("empty_steps", 0))
         if self.curriculum is not None:
             self.curriculum.load_state_dict(state["curriculum"])
+        if self.agent.grad_scaler is not None and "grad_scaler" in state:
+            self.agent.grad_scaler.load_state_dict(state["grad_scaler"])
         self.consecutive_skips = int(state["consecutive_skips"])
         self.before = state["before"]
         self.step = int(state["step"])
 
     def save_final(self) -> Path:
-        """Save the student with ``save_pretrained`` plus the tokenizer and run config to ``output_dir/final``."""
+        """Save the student with ``save_pretrained`` plus the tokenizer and run config to ``output_dir/final``.
+
+        A LoRA student (``model.lora``) saves its adapter there (``PeftModel.from_pretrained``), and with
+        ``model.lora.merge_on_save`` the merged model to ``final/merged`` (plain ``from_pretrained``).
+        """
         import yaml
 
         target = self.output_dir / "final"
         if self.dist.is_main:
             with ckpt.atomic_directory(target) as tmp:
-                self.student.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / ckpt.FINAL_CONFIG).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+                if is_lora(self.student):
+                    spec = self.config.model.lora_spec
+                    folders = save_final_lora(
+                        self.student, tmp, merge=spec is not None and spec.merge_on_save
+                    )
+                else:
+                    self.student.save_pretrained(tmp, safe_serialization=True)
+                    folders = [tmp]
+                for folder in folders:
+                    self.tokenizer.save_pretrained(folder)
+                    (folder / ckpt.FINAL_CONFIG).write_text(
+                        yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+                    )
         self.dist.barrier()
         return target
 

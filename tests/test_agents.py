@@ -21,7 +21,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_registry_names_and_configs():
     assert {"gkd", "reinforce", "ppo"} <= set(AGENTS)
     shared = {f.name for f in dataclasses.fields(AgentConfig)}
-    assert shared == {"alpha", "reward", "temperature", "top_k", "top_p", "max_new_tokens"}
+    assert shared == {
+        "alpha",
+        "reward",
+        "temperature",
+        "top_k",
+        "top_p",
+        "max_new_tokens",
+        "beta_ext",
+        "teacher_temperature",
+    }
     for name, (cls, config_cls) in AGENTS.items():
         assert cls.name == name and cls.config_cls is config_cls
         assert issubclass(config_cls, AgentConfig), name

@@ -116,7 +116,8 @@ def test_every_example_config_trains_one_step_on_a_tiny_teacher(path, tiny_teach
     from rl_distill.trainer import Trainer
 
     overrides = [
-        f"model.teacher={tiny_teacher}", "model.student_layers=1", "model.device=cpu", "data.num_train=4",
+        f"model.teacher={tiny_teacher}", "model.student=null", "model.student_layers=1", "model.device=cpu",
+        "data.num_train=4",
         "data.num_eval=2", "agent.max_new_tokens=4", "train.steps=1", "train.batch_size=2",
         "train.save_every=1", f"train.output_dir={tmp_path}", "train.tensorboard=false",
     ]  # fmt: skip

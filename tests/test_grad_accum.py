@@ -138,7 +138,7 @@ def checkpointed(student):
 def test_gradient_checkpointing_keeps_the_kv_cache_when_sampling():
     teacher, student, tok = models()
     student = checkpointed(student).train()
-    assert student.is_gradient_checkpointing
+    assert student.is_activation_checkpointing
     engine = RolloutEngine(student, teacher, tok, chat_template=False)
     calls = []
 
@@ -161,9 +161,19 @@ def test_gradient_checkpointing_keeps_the_kv_cache_when_sampling():
     assert student.training  # generate restores training mode
 
 
-def test_gradient_checkpointing_gives_the_same_gradient():
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradient(lora):
+    from rl_distill.models.lora import LoraSpec, apply_lora
+
     def grads(use_checkpointing):
         teacher, student, tok = models()
+        if lora:
+            torch.manual_seed(0)  # lora_A's initialisation draws from the global generator
+            student = apply_lora(student, LoraSpec(r=4))
+            with torch.no_grad():  # B = 0 at the start would give lora_A a zero gradient
+                for name, p in student.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.linspace(-0.2, 0.2, p.numel()).view_as(p))
         if use_checkpointing:
             student = checkpointed(student)
         student.train()
@@ -176,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         )
         rollouts, n = agent.collect(EXAMPLES)
         loss, _ = agent.objective(rollouts, n)
-        return torch.autograd.grad(loss, list(student.parameters()))
+        return torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
 
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -32,9 +32,14 @@ def templated_tokenizer(tmp_path):
     return str(tmp_path / "tok")
 
 
-def load(path, **options):
+def load(path, num_train=3, **options):
     return load_task(
-        "hf_dataset", num_train=3, num_eval=1, path=str(path), cache_dir=str(path.parent / "hf"), **options
+        "hf_dataset",
+        num_train=num_train,
+        num_eval=1,
+        path=str(path),
+        cache_dir=str(path.parent / "hf"),
+        **options,
     )
 
 
@@ -97,14 +102,17 @@ def test_multi_turn_messages_render_every_turn_but_the_last_through_the_template
             ]
         }
         for i in range(4)
-    ]
+    ] + [{"messages": [{"role": "user", "content": "single"}, {"role": "assistant", "content": "turn"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     with pytest.raises(ValueError, match=r"(?s)needs a chat template.*data.options.chat_template"):
         load(path)
-    data = load(path, chat_template=templated_tokenizer)
+    data = load(path, num_train=4, chat_template=templated_tokenizer)
     ex = next(e for e in data.train + data.eval if "q2" in e.prompt)
     assert ex.prompt == "<system>be brief\n<user>q2\n<assistant>first\n<user>again\n<assistant>"
     assert ex.reference == "final 2" and ex.metadata[RENDERED] is True
+    # With a template every prompt of the data set is rendered alike, a single user turn too.
+    single = next(e for e in data.train + data.eval if "single" in e.prompt)
+    assert single.prompt == "<user>single\n<assistant>" and single.metadata[RENDERED] is True
     with pytest.raises(ValueError, match="model.chat_template: false"):
         check_rendered_prompts(data, use_chat_template=True)
     check_rendered_prompts(data, use_chat_template=False)
@@ -231,8 +239,8 @@ def test_messages_config_trains_a_step_on_a_tiny_model(tmp_path):
     raw["eval"] = {"num_samples": 1}
     config = config_from_dict(raw)
     trainer = Trainer(config)
-    rendered = [ex for ex in trainer.task.train if ex.metadata.get(RENDERED)]
-    assert rendered and all(ex.prompt.startswith("<system>Answer briefly.") for ex in rendered)
+    assert all(ex.metadata.get(RENDERED) for ex in trainer.task.train + trainer.task.eval)
+    assert any(ex.prompt.startswith("<system>Answer briefly.") for ex in trainer.task.train)
     assert trainer.train().steps == 1
     # The same prompts with the engine's template on would be wrapped twice: refused before any work.
     raw["model"]["chat_template"] = None

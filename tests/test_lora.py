@@ -203,6 +203,8 @@ def test_lora_resume_restores_the_adapters_exactly(tmp_path, teacher_dir):
         {"name": "reinforce", "baseline": "value", "samples_per_prompt": 2},
         {"name": "ppo", "update_epochs": 2},
         {"name": "minillm"},
+        {"name": "grpo", "reward": "fixtures_rewards:length_reward"},
+        {"name": "spin", "round_steps": 1, "saturation_prompts": 0},
     ],
     ids=lambda a: a["name"],
 )
@@ -261,3 +263,26 @@ def test_lora_config_errors_name_the_field(tmp_path, teacher_dir):
     config = run_config(tmp_path, teacher_dir, 1, model={"lora": {"target_modules": ["c_attn"]}})
     with pytest.raises(ValueError, match=r"model.lora.target_modules: \['c_attn'\] not found.*q_proj"):
         build_run(config)
+
+
+def test_lora_memory_benchmark_runs_on_a_tiny_model():
+    """A smoke run of benchmarks/lora_memory.py (one variant, in this process; no timing asserted)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import lora_memory
+
+    args = argparse.Namespace(
+        model="tiny",
+        student_layers=2,
+        batch_size=2,
+        max_new_tokens=4,
+        lora_r=4,
+        steps=1,
+        warmup=0,
+        threads=1,
+        device="cpu",
+    )
+    result = lora_memory.run_variant(args, "lora_bf16")
+    assert result["trainable_params"] < result["total_params"] and result["s_per_step"]["n"] == 1

@@ -1,6 +1,7 @@
 """Privileged-information teachers (OPSD): the teacher scores the student's completion under another prompt."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +9,22 @@ import torch
 from rl_distill.agents import GKDAgent, GKDConfig
 from rl_distill.divergences import DIVERGENCES
 from rl_distill.models import tiny_llama
-from rl_distill.rollout import PromptTooLongError, RolloutEngine, SamplingConfig, position_ids_from_mask
-from rl_distill.rollout.engine import NoTeacherError, format_teacher_prompt, template_fields
+from rl_distill.rollout import (
+    PromptTooLongError,
+    RolloutEngine,
+    SamplingConfig,
+    position_ids_from_mask,
+)
+from rl_distill.rollout.engine import (
+    NoTeacherError,
+    format_teacher_prompt,
+    template_fields,
+)
 from rl_distill.tasks import Example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXAMPLES = [
     Example("1+2=?", "1+2=3. #### 3", {"answer": 3}),
@@ -59,7 +71,11 @@ def test_privileged_teacher_logits_equal_a_plain_forward_on_its_prompt(student, 
     for i, ex in enumerate(EXAMPLES):
         n = int(r.lengths[i])
         ref = plain_teacher_logits(
-            teacher, tokenizer, format_teacher_prompt(TEMPLATE, ex), r.completion_ids[i, :n].tolist(), vocab
+            teacher,
+            tokenizer,
+            format_teacher_prompt(TEMPLATE, ex),
+            r.completion_ids[i, :n].tolist(),
+            vocab,
         )
         torch.testing.assert_close(r.teacher_logits[i, :n].float(), ref, atol=1e-4, rtol=0)
         ref_tok = ref.log_softmax(-1).gather(-1, r.completion_ids[i, :n, None]).squeeze(-1)
@@ -104,7 +120,11 @@ def test_explicit_teacher_prompts_and_errors(student, teacher, tokenizer):
         engine.score(engine.generate(["unknown"], SAMPLING))
     with pytest.raises(ValueError, match="share the prompt"):
         engine.set_teacher_template(
-            "{answer}", [Example("q", metadata={"answer": 1}), Example("q", metadata={"answer": 2})]
+            "{answer}",
+            [
+                Example("q", metadata={"answer": 1}),
+                Example("q", metadata={"answer": 2}),
+            ],
         )
     small = tiny_llama(len(tokenizer), hidden_size=32, num_layers=1, max_position_embeddings=24, seed=0)
     tight = RolloutEngine(small, small, tokenizer)
@@ -135,7 +155,10 @@ def self_teacher_agent(student, tokenizer, template, **config):
     engine.set_teacher_template(template, EXAMPLES)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     return GKDAgent(
-        engine, opt, GKDConfig(max_new_tokens=8, **config), generator=torch.Generator().manual_seed(0)
+        engine,
+        opt,
+        GKDConfig(max_new_tokens=8, **config),
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -161,3 +184,158 @@ def test_privileged_template_with_a_self_teacher_gives_a_signal(student, tokeniz
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     # The teacher stayed frozen at the starting weights.
     assert all(not p.requires_grad for p in agent.engine.teacher.parameters())
+
+
+# --- the config layer and the trainer: model.teacher: self, agent.teacher_template, refresh --------
+def opsd_config(tmp_path, *overrides, steps=1):
+    from run_helpers import save_tiny_model
+
+    from rl_distill.config import load_config
+
+    student = tmp_path / "student"
+    if not student.is_dir():
+        save_tiny_model(student, sharpen=3.0)
+    base = [
+        f"model.student={student}",
+        "model.device=cpu",
+        "data.num_train=8",
+        "data.num_eval=2",
+        "data.options.compact=true",
+        "agent.max_new_tokens=6",
+        f"train.steps={steps}",
+        "train.batch_size=2",
+        "train.save_every=0",
+        "train.tensorboard=false",
+        "train.save_final=false",
+        f"train.output_dir={tmp_path / 'run'}",
+        "eval.num_samples=0",
+        "eval.greedy=false",
+    ]
+    return load_config(ROOT / "examples" / "configs" / "opsd_arithmetic.yaml", [*base, *overrides])
+
+
+def test_opsd_config_trains_one_step_with_a_self_teacher(tmp_path):
+    from rl_distill.trainer import Trainer
+
+    trainer = Trainer(opsd_config(tmp_path))
+    run = trainer.run
+    assert run.teacher is not run.student and not any(p.requires_grad for p in run.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(run.teacher.parameters(), run.student.parameters()))
+    assert run.engine.teacher_prompt_map[run.task.train[0].prompt].endswith(
+        f"[Answer: {run.task.train[0].metadata['answer']}]"
+    )
+    result = trainer.train()
+    assert result.steps == 1 and result.before["eval/reverse_kl"] > 0  # the hint changes the teacher's view
+
+
+@pytest.mark.parametrize("template", ["{prompt}", ""])
+def test_identity_template_and_self_teacher_give_zero_divergence_at_step_0(tmp_path, template):
+    from rl_distill.trainer import Trainer
+
+    trainer = Trainer(
+        opsd_config(
+            tmp_path,
+            f"agent.teacher_template='{template}'",
+            "agent.divergence=forward_kl",
+        )
+    )
+    before = trainer.evaluate(write=False)
+    assert before["eval/forward_kl"] == 0.0 and before["eval/reverse_kl"] == 0.0
+    assert before["eval/jsd"] <= 1e-6
+    stats = trainer.train_step()
+    assert stats["train/divergence"] == 0.0
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from rl_distill.config import ConfigError
+    from rl_distill.trainer import Trainer
+
+    with pytest.raises(ConfigError, match=r"model.teacher: 'self' needs student"):
+        opsd_config(tmp_path, "model.student=null")
+    with pytest.raises(
+        ConfigError,
+        match="model.teacher_refresh_every: re-copies the student into the teacher; it needs teacher: self",
+    ):
+        opsd_config(
+            tmp_path,
+            f"model.teacher={tmp_path / 'student'}",
+            "model.teacher_refresh_every=2",
+        )
+    with pytest.raises(ConfigError, match="model.teacher_refresh_every: must be >= 0"):
+        opsd_config(tmp_path, "model.teacher_refresh_every=-1")
+    with pytest.raises(
+        ConfigError,
+        match=r"agent.teacher_template: there is no teacher \(model.teacher: null\)",
+    ):
+        opsd_config(
+            tmp_path,
+            "model.teacher=null",
+            "agent.name=gkd",
+            "agent.lmbda=0",
+            "agent.target=one_hot",
+            "agent.divergence=forward_kl",
+        )
+    with pytest.raises(ConfigError, match="agent.teacher_template .* must be a name"):
+        opsd_config(tmp_path, "agent.teacher_template='{prompt} {}'")
+    with pytest.raises(
+        ConfigError,
+        match=r"agent.teacher_template field \{hint\} is missing from the example",
+    ):
+        Trainer(opsd_config(tmp_path, "agent.teacher_template='{prompt} {hint}'"))
+    from rl_distill.agents import PPOConfig
+    from rl_distill.config import build_dataclass
+
+    with pytest.raises(ConfigError, match="agent.teacher_template: unknown field"):  # GKD only
+        build_dataclass(PPOConfig, {"teacher_template": "{prompt}"}, "agent")
+
+
+def test_teacher_refresh_every_copies_the_student_and_resumes(tmp_path):
+    from rl_distill.trainer import Trainer
+
+    config = opsd_config(tmp_path, "model.teacher_refresh_every=2", "train.save_every=1", steps=3)
+    trainer = Trainer(config)
+    start = [p.detach().clone() for p in trainer.run.teacher.parameters()]
+    snapshots = {}
+    for _ in range(3):
+        trainer.train_step()
+        snapshots[trainer.step] = [p.detach().clone() for p in trainer.student.parameters()]
+        trainer.save_checkpoint() if trainer.step == 3 else None
+    teacher = [p.detach().clone() for p in trainer.run.teacher.parameters()]
+    # Refreshed before step 2 (0-based): the student after 2 updates, not the start, not the end.
+    assert all(torch.equal(a, b) for a, b in zip(teacher, snapshots[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(teacher, start))
+    # A resumed run gets the refreshed teacher back from the checkpoint.
+    again = Trainer(config)
+    again.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-3")
+    assert all(torch.equal(a, b) for a, b in zip(again.run.teacher.parameters(), teacher))
+
+
+def test_self_distillation_experiment_smoke(tmp_path):
+    """examples/self_distillation.py end to end at a toy budget, then its page again from the JSON alone."""
+    import importlib.util
+    import json
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    art = tmp_path / "art"
+    load("tiny_teachers").main(["--task", "arithmetic", "--compact", "--steps", "1,2", "--num-train", "16",
+                                "--num-eval", "4", "--teacher-steps", "2", "--student-steps", "2",
+                                "--batch-size", "4", "--max-new-tokens", "8", "--threads", "1", "--out", str(art)])  # fmt: skip
+    results = tmp_path / "results"
+    argv = ["--artifacts", str(art), "--out", str(tmp_path / "runs"), "--results", str(results), "--seeds", "0",
+            "--workers", "1", "--train-steps", "1", "--batch-size", "4", "--group-size", "2", "--num-eval", "2",
+            "--spin-rounds", "2", "--spin-round-steps", "1"]  # fmt: skip
+    mod = load("self_distillation")
+    payload = mod.main(argv)
+    assert {r["method"] for r in payload["runs"]} == {"opsd", "gkd", "spin", "grpo", "rl_gkd"}
+    spin = next(r for r in payload["runs"] if r["method"] == "spin")
+    assert [step for step, _ in spin["extra"]["spin_kl"]] == [1, 2]
+    page = (results / "self_distillation.md").read_text()
+    assert "## Verdicts on chapter 6's claims" in page and (results / "self_distillation.png").is_file()
+    assert json.loads((results / "self_distillation.json").read_text())["lscpu_model"]
+    mod.main([*argv, "--report-only"])
+    assert (results / "self_distillation.md").read_text().split("## 1.")[1] == page.split("## 1.")[1]

@@ -70,7 +70,7 @@ def test_minus_inf_columns_give_no_nan_under_autocast(name):
         low = divergence(name, teacher.to(torch.bfloat16), s16, mask, beta=0.5)
     low.backward()
     assert torch.isfinite(low) and torch.isfinite(s16.grad).all()
-    assert float(low) == pytest.approx(float(exact), rel=3e-2, abs=1e-3)
+    assert float(low.detach()) == pytest.approx(float(exact), rel=3e-2, abs=1e-3)
 
 
 def test_a_precision_the_device_cannot_run_names_the_field(monkeypatch):
@@ -88,7 +88,7 @@ def test_a_precision_the_device_cannot_run_names_the_field(monkeypatch):
         ConfigError, match=r"train.precision: expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"
     ):
         config_from_dict({"train": {"precision": "fp8"}})
-    with pytest.raises(ConfigError, match=r"model.teacher_dtype: expected one of"):
+    with pytest.raises(ConfigError, match=r"model.teacher_dtype: expected"):
         config_from_dict({"model": {"teacher_dtype": "int8"}})
 
 

@@ -32,7 +32,10 @@ def test_tutorial_worked_example():
 
 
 def test_gradient_raises_chosen_and_lowers_rejected_and_vanishes_on_equal_sequences():
-    pc, pr = torch.tensor([-2.3], requires_grad=True), torch.tensor([-1.8], requires_grad=True)
+    pc, pr = (
+        torch.tensor([-2.3], requires_grad=True),
+        torch.tensor([-1.8], requires_grad=True),
+    )
     loss, _ = spin_loss(pc, pr, torch.tensor([-1.5]), torch.tensor([-2.5]), beta=0.1)
     loss.backward()
     sig = 1 / (1 + math.exp(-0.15))  # d/dh -log sigmoid(h) = -(1 - sigmoid(h)) = -sigmoid(-h)
@@ -41,7 +44,11 @@ def test_gradient_raises_chosen_and_lowers_rejected_and_vanishes_on_equal_sequen
     same = torch.tensor([-3.0], requires_grad=True)
     loss, logits = spin_loss(same, same, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
     loss.backward()
-    assert float(logits) == 0.0 and float(same.grad) == 0.0 and float(loss.detach()) == pytest.approx(math.log(2))
+    assert (
+        float(logits) == 0.0
+        and float(same.grad) == 0.0
+        and float(loss.detach()) == pytest.approx(math.log(2))
+    )
 
 
 def test_sequence_logprobs_sum_the_real_tokens():
@@ -95,7 +102,11 @@ def test_rounds_reference_and_saturation_kl(student, tokenizer):
     # Round 1's reference is the model after step 1 (2 updates), not the start.
     assert any(not torch.equal(a, b) for a, b in zip(start, agent.reference.parameters()))
     assert all(math.isfinite(s["train/loss"]) for s in stats)
-    for key in ("rollout/dpo_logit", "rollout/reward_accuracy", "rollout/rejected_equals_chosen"):
+    for key in (
+        "rollout/dpo_logit",
+        "rollout/reward_accuracy",
+        "rollout/rejected_equals_chosen",
+    ):
         assert key in stats[0]
 
 
@@ -112,7 +123,11 @@ def test_saturation_stops_training_and_state_round_trips(student, tokenizer):
     # The reference and the saturation flag are agent state (checkpointed), tied weights included.
     state = agent.state_dict()
     fresh = make_agent(
-        type(student)(student.config), tokenizer, round_steps=1, saturation_prompts=2, saturation_kl=1e9
+        type(student)(student.config),
+        tokenizer,
+        round_steps=1,
+        saturation_prompts=2,
+        saturation_kl=1e9,
     )
     assert not fresh.saturated
     fresh.load_state_dict(state)
@@ -125,3 +140,31 @@ def test_refuses_examples_without_references(student, tokenizer):
     agent = make_agent(student, tokenizer)
     with pytest.raises(ValueError, match="chosen sequences are the dataset references"):
         agent.update([Example("1+2=?")])
+
+
+def test_spin_config_trains_one_step_without_a_teacher(tmp_path):
+    from pathlib import Path
+
+    from run_helpers import save_tiny_model
+
+    from rl_distill.config import load_config
+    from rl_distill.trainer import Trainer
+
+    student = save_tiny_model(tmp_path / "student")
+    overrides = [f"model.student={student}", "model.device=cpu", "data.num_train=8", "data.num_eval=2",
+                 "data.options.compact=true", "agent.max_new_tokens=6", "agent.round_steps=1",
+                 "agent.saturation_prompts=2", "train.steps=1", "train.batch_size=2", "train.save_every=0",
+                 "train.eval_every=0", "train.tensorboard=false", "train.save_final=false",
+                 f"train.output_dir={tmp_path / 'run'}", "eval.num_samples=0"]  # fmt: skip
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "examples" / "configs" / "spin_arithmetic.yaml",
+        overrides,
+    )
+    trainer = Trainer(config)
+    assert trainer.run.teacher is None and trainer.agent.heldout == trainer.task.eval
+    result = trainer.train()
+    assert result.steps == 1 and "eval/exact_match" in result.after and "eval/jsd" not in result.after
+    from rl_distill.logger import read_jsonl
+
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert any("rollout/spin_kl" in r for r in rows)

@@ -305,7 +305,7 @@ def prepare_models(
 
     check_precision(train_config.precision, device)
     spec = model_config.lora_spec
-    if spec is not None:
+    if spec is not None and not is_lora(student):  # a student handed in already wrapped stays as it is
         student = apply_lora(student, spec).to(device)
     if model_config.teacher == BASE_OF_STUDENT:
         teacher = AdapterDisabledTeacher(student)
@@ -317,5 +317,9 @@ def prepare_models(
             raise ValueError(
                 f"train.gradient_checkpointing: {type(base).__name__} does not support gradient checkpointing"
             )
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # Transformers >= 5.x's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return teacher, student

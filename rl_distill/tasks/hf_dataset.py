@@ -14,11 +14,13 @@ Three row formats (``format``; ``auto`` picks by the columns present):
 - ``prompt_completion`` (TRL's): ``prompt`` and ``completion`` columns, each a string or a list of
   turns (the completion's assistant turn is the reference).
 
-A conversational prompt of one user turn becomes that turn's text, and the rollout engine applies
-the chat template as for every task. A longer prompt (a system turn, several turns) is rendered
-through the chat template of ``chat_template`` (a model name or folder, e.g. the teacher's) with
-the generation prompt; such prompts are already templated, so the run must set
-``model.chat_template: false`` (:func:`check_rendered_prompts` refuses the run otherwise).
+Chat templates: with ``chat_template`` (a model name or folder, e.g. the teacher's) the task renders
+*every* prompt through that template with the generation prompt (a plain string as one user turn),
+so the prompts of one data set are all formatted alike; they are then already templated, and the
+run must set ``model.chat_template: false`` (:func:`check_rendered_prompts` refuses it otherwise).
+Without it, prompts stay plain text and the rollout engine applies the chat template as for every
+task; a conversational prompt must then be a single user turn (its text), and a longer one (a system
+turn, several turns) is an error that says to set ``chat_template``.
 
 ``max_prompt_tokens`` (needs ``chat_template`` or ``tokenizer`` to count): prompts longer than it are
 skipped and counted (``too_long: skip``, a warning gives the count) or fail the load
@@ -129,21 +131,23 @@ def _check_turns(value: Any, column: str) -> list[dict[str, Any]]:
 
 
 class PromptRenderer:
-    """Turns a conversational prompt (a list of turns) into the prompt string, and counts tokens.
+    """Turns a prompt (a string or a list of turns) into the prompt string, and counts tokens.
 
     Args:
-        tokenizer: the tokenizer whose chat template renders multi-turn prompts (None: only
-            single-user-turn prompts are accepted) and which counts tokens.
+        tokenizer: the tokenizer whose chat template renders every prompt (None: prompts stay plain
+            text and only single-user-turn conversations are accepted); it also counts tokens.
     """
 
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
 
-    def prompt(self, turns: list[dict[str, Any]]) -> tuple[str, bool]:
-        """``(text, rendered)``: one user turn stays plain text; anything else goes through the template."""
-        if len(turns) == 1 and turns[0]["role"] == "user":
-            return turns[0]["content"], False
-        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+    def prompt(self, turns: str | list[dict[str, Any]]) -> tuple[str, bool]:
+        """``(text, rendered)``: through the template when there is one, else the single user turn's text."""
+        if isinstance(turns, str):
+            turns = [{"role": "user", "content": turns}]
+        if self.tokenizer is None:
+            if len(turns) == 1 and turns[0]["role"] == "user":
+                return turns[0]["content"], False
             roles = [t["role"] for t in turns]
             raise ValueError(
                 f"a prompt of turns {roles} needs a chat template: set data.options.chat_template to the "
@@ -247,7 +251,7 @@ def _parse_row(
         if isinstance(raw_prompt, list):
             prompt, rendered = renderer.prompt(_check_turns(raw_prompt, "prompt"))
         elif isinstance(raw_prompt, str):
-            prompt, rendered = raw_prompt, False
+            prompt, rendered = renderer.prompt(raw_prompt) if raw_prompt.strip() else (raw_prompt, False)
         else:
             raise ValueError(f"'prompt' must be a string or a list of turns, got {type(raw_prompt).__name__}")
         if isinstance(completion, list):
@@ -267,6 +271,8 @@ def _parse_row(
         prompt, rendered = row[prompt_column], False
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"'{prompt_column}' must be a string, got {type(prompt).__name__}")
+        if prompt and prompt.strip():
+            prompt, rendered = renderer.prompt(prompt)
         column = reference_column or ("reference" if "reference" in row else None)
         reference = row[column] if column else None
         if reference is not None and not isinstance(reference, str):
@@ -318,7 +324,8 @@ def make_hf_dataset(
         prompt_column: the prompt column (format ``columns``).
         reference_column: the reference column (``columns``; default ``reference`` when present).
         metadata_columns: columns kept as metadata (default: every column not used otherwise).
-        chat_template: model name or folder whose chat template renders multi-turn prompts.
+        chat_template: model name or folder whose chat template renders every prompt (then set
+            ``model.chat_template: false``); None: plain prompts, templated by the engine.
         tokenizer: model name or folder that counts prompt tokens (default: ``chat_template``'s).
         max_prompt_tokens: longest allowed prompt in tokens (None: no limit here).
         too_long: ``skip`` (and count) or ``fail`` on prompts over ``max_prompt_tokens``.
@@ -348,6 +355,8 @@ def make_hf_dataset(
     from rl_distill.models.loading import load_tokenizer
 
     template_tok = load_tokenizer(chat_template) if chat_template else None
+    if template_tok is not None and getattr(template_tok, "chat_template", None) is None:
+        raise ValueError(f"options.chat_template: the tokenizer of {chat_template!r} has no chat template")
     count_tok = (
         load_tokenizer(counter_name) if counter_name and counter_name != chat_template else template_tok
     )
