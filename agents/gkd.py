@@ -319,12 +319,24 @@ class GKDAgent(Agent):
         return coins.expand(batch_size) if n == 1 else coins
 
     def _fixed_sequences(self, examples: Sequence[Example]) -> Rollout:
-        """Off-policy data: dataset references, or teacher samples (SeqKD)."""
+        """Off-policy data: dataset references, or teacher samples (SeqKD).
+
+        A privileged teacher (``teacher_template``) samples from its own prompt; the sequences are then
+        set after the student's prompt (its completion tokens as sampled, EOS only where it stopped).
+        """
         prompts = [ex.prompt for ex in examples]
         if self.config.off_policy == "teacher":
-            return self.engine.generate(
-                prompts, self.config.sampling, model=self.engine.teacher, generator=self.generator
+            teacher_prompts = self.engine.teacher_prompts_for(prompts)
+            sampled = self.engine.generate(
+                teacher_prompts or prompts,
+                self.config.sampling,
+                model=self.engine.teacher,
+                generator=self.generator,
             )
+            if teacher_prompts is None:
+                return sampled
+            ids = [row[mask].tolist() for row, mask in zip(sampled.completion_ids, sampled.completion_mask)]
+            return self.engine.from_completions(prompts, ids, append_eos=False)
         missing = [ex.prompt for ex in examples if ex.reference is None]
         if missing:
             raise ValueError(

@@ -58,7 +58,7 @@ from e1_on_vs_off_policy import arithmetic_spec, max_new_tokens  # noqa: E402
 
 NAME = "self_distillation"
 TITLE = "Self-distillation (tutorial ch. 6): OPSD, SPIN, verifier-only GRPO"
-#: The privileged context of the OPSD teacher: the question, then its answer (compact prompts: "12+7-5=?").
+#: The default privileged context of the OPSD teacher: the question, then its answer (compact prompts: "12+7-5=?").
 TEMPLATE = "{prompt}{answer}="
 GREEDY, SAMPLED = "eval/greedy/exact_match", "eval/exact_match"
 
@@ -71,7 +71,7 @@ def methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "opsd": {
             "experiment": "opsd",
             "model": {"teacher": "self"},
-            "agent": {**gkd, "teacher_template": TEMPLATE},
+            "agent": {**gkd, "teacher_template": args.template},
         },
         "gkd": {"experiment": "opsd", "model": {}, "agent": gkd},
         "spin": {
@@ -183,7 +183,7 @@ def privileged_teacher_accuracy(args: argparse.Namespace, report: dict[str, Any]
     torch.set_num_threads(args.threads)
     _, student, tokenizer = load_pair(str(args.artifacts / "teacher"), str(args.artifacts / "student"))
     examples = task_from_spec(arithmetic_spec(report, args.length)).eval[: args.num_eval]
-    hinted = [Example(format_teacher_prompt(TEMPLATE, ex), ex.reference, ex.metadata) for ex in examples]
+    hinted = [Example(format_teacher_prompt(args.template, ex), ex.reference, ex.metadata) for ex in examples]
     engine = RolloutEngine(student, copy.deepcopy(student), tokenizer)
     sampling = SamplingConfig(max_new_tokens(args.length, int(report["args"]["digits"])), temperature=0.0)
     reward = resolve_reward("exact_match")
@@ -192,6 +192,20 @@ def privileged_teacher_accuracy(args: argparse.Namespace, report: dict[str, Any]
         rows = evaluation_rows(engine, exs, sampling=sampling, batch_size=args.num_eval, reward=reward)
         out[label] = sum(r["reward"] for r in rows) / len(rows)
     return out
+
+
+def lscpu_model() -> str:
+    """``Model name`` from ``lscpu`` (the machine the numbers were measured on)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (lscpu failed)"
+    return next(
+        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+        "unknown",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +264,7 @@ def verdict_change(d: tuple[float, float, int]) -> str:
 def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """The page after the header."""
     runs, probe = data["runs"], data["privileged_teacher"]
+    example = args.template.format(prompt="12+7-5=?", answer=14, reference="12+7=19. 19-5=14. #### 14")
     steps, batch, k = args.train_steps, args.batch_size, args.group_size
     lines = [
         "Tutorial chapter 6's three self-distillation mechanisms on the tiny compact-arithmetic task "
@@ -257,11 +272,14 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"held-out accuracy on the first {args.num_eval} problems of the eval split (exact match of the final "
         "answer), greedy and sampled at temperature 1.",
         "",
+        f"`lscpu` model name: {data.get('lscpu_model', 'not recorded')}; the runs shared the machine's cores with "
+        "other work, so times are indicative only.",
+        "",
         "## 1. OPSD: a privileged self-teacher vs on-policy GKD from a real teacher",
         "",
         f"`opsd`: on-policy GKD ({args.divergence}, lambda 1) whose teacher is a frozen copy of the SFT "
-        f"student reading the question and its answer (`teacher_template: {TEMPLATE!r}`, e.g. "
-        "`12+7-5=?14=`); `gkd`: the same with the tiny arithmetic teacher (question only). "
+        f"student reading the question and its answer (`teacher_template: {args.template!r}`, e.g. "
+        f"`{example}`); `gkd`: the same with the tiny arithmetic teacher (question only). "
         f"{steps} steps, batch {batch}, AdamW lr {args.lr} (cosine, 10% warm-up).",
         "",
         f"What the hint does to the self-teacher (greedy decoding from its own prompt, {args.num_eval} problems): "
@@ -355,9 +373,9 @@ def verdicts(
             f"- *SPIN saturates after 3-5 rounds (KL(model ‖ ref) -> 0, no further gain).* KL at the end of round 1 "
             f"{first:.4f}, of round {len(rounds)} {last:.4f} nats per sequence ("
             + (
-                "it flattens: the last round moves the model less than a third as far as the first"
+                f"ratio last/first {last / first:.2f}: it flattens"
                 if last < first / 3
-                else "it does not flatten within these rounds"
+                else f"ratio last/first {last / first:.2f}: it does not flatten to a third within these rounds"
             )
             + f"); greedy accuracy per round peaks at {peak:.3f} from {stat(runs, 'spin', 'before', GREEDY)[0]:.3f} at the "
             f"start and ends at {rounds[-1]['greedy'][0]:.3f}."
@@ -426,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--group-size", type=int, default=4, help="GRPO / RL+GKD samples per prompt")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--divergence", default="reverse_kl")
+    p.add_argument("--template", default=TEMPLATE, help="OPSD teacher_template (prompt, reference, answer)")
     p.add_argument("--spin-rounds", type=int, default=5)
     p.add_argument("--spin-round-steps", type=int, default=8)
     p.add_argument("--spin-beta", type=float, default=0.1)
@@ -454,15 +473,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = build_jobs(args, teacher_report)
     trained = runs_to_train(jobs, args.out)
     probe_path = args.out / "privileged_teacher.json"
-    if probe_path.is_file():
-        probe = json.loads(probe_path.read_text())
-    else:
-        probe = privileged_teacher_accuracy(args, teacher_report)
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
+    if probe.get("template") != args.template:
+        probe = {"template": args.template, **privileged_teacher_accuracy(args, teacher_report)}
         args.out.mkdir(parents=True, exist_ok=True)
         probe_path.write_text(json.dumps(probe) + "\n")
     runner = partial(run_job, extra_eval=spin_rounds, build=build)
     runs = run_jobs(jobs, args.out, workers=args.workers, runner=runner)
-    data = {"teacher_report": teacher_report, "privileged_teacher": probe, "runs": runs}
+    data = {
+        "teacher_report": teacher_report,
+        "privileged_teacher": probe,
+        "lscpu_model": lscpu_model(),
+        "runs": runs,
+    }
     results.mkdir(parents=True, exist_ok=True)
     plot(args, data, results / f"{args.name}.png")
     return write_report(

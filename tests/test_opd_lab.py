@@ -44,3 +44,25 @@ def test_opd_lab_quick_runs_resumes_and_reports(tmp_path, capsys):
     lines = (tmp_path / "runs" / "runs.jsonl").read_text().splitlines()
     assert len(lines) == len(runs) + len(payload["val_runs"])
     assert json.loads(lines[0])["key"].startswith("val|")
+
+
+def test_readme_opd_lab_row_matches_the_committed_json():
+    """The README quotes the lab's headline numbers; they are re-derived here from docs/results/opd_lab.json."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lab = json.loads((root / "docs" / "results" / "opd_lab.json").read_text())
+    cells, slopes = lab["analysis"]["cells"], lab["analysis"]["slopes"]
+    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith("| OPD lab"))
+    expected = [
+        f"{lab['invocation']['seconds'] / 60:.1f} min",
+        f"wrong at {cells['supervised_kd']['40']['error_after_mistake'][0]:.3f} of the later steps",
+        f"`gkd_l1_fkl`: {cells['gkd_l1_fkl']['40']['error_after_mistake'][0]:.3f}",
+        f"T^{slopes['supervised_kd']['normalised_mean_std'][0]:.2f} off-policy",
+        f"T^{slopes['gkd_l1_fkl']['normalised_mean_std'][0]:.2f} on-policy",
+        f"({cells['supervised_kd']['40']['eps_teacher'][0]:.4f})",
+        f"succeeds at T=40 ({cells['supervised_kd']['40']['success'][0]:.3f})",
+        f"raw slope {slopes['gkd_l1_fkl']['mean_std'][0]:.2f} vs {slopes['supervised_kd']['mean_std'][0]:.2f}",
+    ]
+    for text in expected:
+        assert text in row, text

@@ -339,3 +339,23 @@ def test_self_distillation_experiment_smoke(tmp_path):
     assert json.loads((results / "self_distillation.json").read_text())["lscpu_model"]
     mod.main([*argv, "--report-only"])
     assert (results / "self_distillation.md").read_text().split("## 1.")[1] == page.split("## 1.")[1]
+
+
+def test_seqkd_with_a_privileged_teacher_samples_from_the_hinted_prompt(student, teacher, tokenizer):
+    engine = RolloutEngine(student, teacher, tokenizer)
+    engine.set_teacher_template(TEMPLATE, EXAMPLES)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    config = GKDConfig(
+        max_new_tokens=8, lmbda=0.0, off_policy="teacher", target="one_hot", divergence="forward_kl"
+    )
+    agent = GKDAgent(engine, opt, config, generator=torch.Generator().manual_seed(5))
+    fixed = agent._fixed_sequences(EXAMPLES)
+    hinted = [format_teacher_prompt(TEMPLATE, ex) for ex in EXAMPLES]
+    direct = engine.generate(
+        hinted, config.sampling, model=teacher, generator=torch.Generator().manual_seed(5)
+    )
+    assert fixed.texts == [ex.prompt for ex in EXAMPLES]  # the student reads the plain prompt
+    assert torch.equal(fixed.completion_mask, direct.completion_mask)
+    assert torch.equal(
+        fixed.completion_ids[fixed.completion_mask], direct.completion_ids[direct.completion_mask]
+    )
