@@ -60,6 +60,8 @@ NAME = "self_distillation"
 TITLE = "Self-distillation (tutorial ch. 6): OPSD, SPIN, verifier-only GRPO"
 #: The default privileged context of the OPSD teacher: the question, then its answer (compact prompts: "12+7-5=?").
 TEMPLATE = "{prompt}{answer}="
+#: Teacher templates whose effect on the self-teacher is measured (greedy accuracy from the hinted prompt).
+PROBE_TEMPLATES = ("{prompt}{answer}=", "{answer} {prompt}", "{prompt} #### {answer}", "{prompt}{reference}")
 GREEDY, SAMPLED = "eval/greedy/exact_match", "eval/exact_match"
 
 
@@ -170,7 +172,9 @@ def spin_rounds(trainer: Any, job: Job) -> dict[str, Any] | None:
     return {"spin_kl": [[r["step"], r["rollout/spin_kl"]] for r in rows if "rollout/spin_kl" in r]}
 
 
-def privileged_teacher_accuracy(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, float]:
+def privileged_teacher_accuracy(
+    args: argparse.Namespace, report: dict[str, Any], template: str
+) -> dict[str, float]:
     """Greedy accuracy of the SFT student decoding from the plain and from the hinted (privileged) prompt."""
     import torch
 
@@ -183,7 +187,7 @@ def privileged_teacher_accuracy(args: argparse.Namespace, report: dict[str, Any]
     torch.set_num_threads(args.threads)
     _, student, tokenizer = load_pair(str(args.artifacts / "teacher"), str(args.artifacts / "student"))
     examples = task_from_spec(arithmetic_spec(report, args.length)).eval[: args.num_eval]
-    hinted = [Example(format_teacher_prompt(args.template, ex), ex.reference, ex.metadata) for ex in examples]
+    hinted = [Example(format_teacher_prompt(template, ex), ex.reference, ex.metadata) for ex in examples]
     engine = RolloutEngine(student, copy.deepcopy(student), tokenizer)
     sampling = SamplingConfig(max_new_tokens(args.length, int(report["args"]["digits"])), temperature=0.0)
     reward = resolve_reward("exact_match")
@@ -263,7 +267,8 @@ def verdict_change(d: tuple[float, float, int]) -> str:
 
 def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """The page after the header."""
-    runs, probe = data["runs"], data["privileged_teacher"]
+    runs, probes = data["runs"], data["privileged_teacher"]
+    probe = probes[args.template]
     example = args.template.format(prompt="12+7-5=?", answer=14, reference="12+7=19. 19-5=14. #### 14")
     steps, batch, k = args.train_steps, args.batch_size, args.group_size
     lines = [
@@ -282,8 +287,12 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"`{example}`); `gkd`: the same with the tiny arithmetic teacher (question only). "
         f"{steps} steps, batch {batch}, AdamW lr {args.lr} (cosine, 10% warm-up).",
         "",
-        f"What the hint does to the self-teacher (greedy decoding from its own prompt, {args.num_eval} problems): "
-        f"plain prompt {probe['plain']:.3f}, hinted prompt {probe['hinted']:.3f}.",
+        f"What the hint does to the self-teacher: its greedy accuracy decoding from the plain and from the hinted "
+        f"prompt ({args.num_eval} problems), for the run's template and a few others:",
+        "",
+        "| teacher_template | plain prompt | hinted prompt |",
+        "|---|---|---|",
+        *[f"| `{t!r}` | {v['plain']:.3f} | {v['hinted']:.3f} |" for t, v in probes.items()],
         "",
         "| method | greedy before | greedy after | sampled before | sampled after | eval reverse KL after |",
         "|---|---|---|---|---|---|",
@@ -360,7 +369,8 @@ def verdicts(
         + (
             "the hint helps it."
             if probe["hinted"] > probe["plain"]
-            else "the hint does not make this tiny model a better solver (it was never trained on hinted prompts)."
+            else "the hint does not make this tiny model a better solver: it never saw a hinted prompt in training, "
+            "and the hint puts it out of distribution; the chapter's mechanism presumes a model that can use it."
         ),
         f"- *OPSD distils the privileged model into the hint-free one and improves it.* Greedy accuracy change "
         f"over {args.train_steps} steps: OPSD {verdict_change(opsd)} (sampled {verdict_change(opsd_s)}); "
@@ -474,10 +484,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = runs_to_train(jobs, args.out)
     probe_path = args.out / "privileged_teacher.json"
     probe = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
-    if probe.get("template") != args.template:
-        probe = {"template": args.template, **privileged_teacher_accuracy(args, teacher_report)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe_path.write_text(json.dumps(probe) + "\n")
+    for template in dict.fromkeys([args.template, *PROBE_TEMPLATES]):  # cached per template
+        if template not in probe:
+            probe[template] = privileged_teacher_accuracy(args, teacher_report, template)
+            args.out.mkdir(parents=True, exist_ok=True)
+            probe_path.write_text(json.dumps(probe, indent=1) + "\n")
     runner = partial(run_job, extra_eval=spin_rounds, build=build)
     runs = run_jobs(jobs, args.out, workers=args.workers, runner=runner)
     data = {

@@ -61,6 +61,21 @@ def test_columns_with_mapping_from_jsonl_parquet_and_csv(tmp_path):
     assert set(data.train[0].metadata) == {"topic", "id"}
 
 
+def test_save_to_disk_folders_load(tmp_path):
+    import datasets
+
+    rows = {"prompt": [f"p{i}" for i in range(4)], "reference": [f"r{i}" for i in range(4)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    for folder, split in (("saved", "train"), ("dict", "test")):
+        data = load(tmp_path / folder, split=split)
+        assert sorted((ex.prompt, ex.reference) for ex in data.train + data.eval) == [
+            (f"p{i}", f"r{i}") for i in range(4)
+        ]
+    with pytest.raises(ValueError, match=r"has splits \['test'\], not 'train'"):
+        load(tmp_path / "dict")
+
+
 def test_missing_column_lists_the_found_ones(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "id": 1}] * 4)
     with pytest.raises(ValueError, match=r"no column\(s\) \['prompt'\].*its columns: question, id"):

@@ -1,7 +1,7 @@
 """``hf_dataset``: prompts from any ``datasets.load_dataset`` source, offline.
 
-``path`` is a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file (or a folder of them), or a hub id
-already in the local Hugging Face cache: nothing is downloaded at run time (the hub is put in offline
+``path`` is a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file (or a folder of them), a folder
+written by ``Dataset.save_to_disk``, or a hub id already in the local ``datasets`` cache: nothing is downloaded at run time (the hub is put in offline
 mode for the call). Needs the optional extra ``pip install 'rl-distill[data]'`` (``datasets``).
 
 Three row formats (``format``; ``auto`` picks by the columns present):
@@ -87,6 +87,12 @@ def load_rows(
         raise FileNotFoundError(f"hf_dataset: no such file or folder {path!r}")
     if looks_local and local.is_file() and local.suffix not in BUILDERS:
         raise ValueError(f"hf_dataset: {path!r}: unsupported file type; use one of {', '.join(BUILDERS)}")
+    if (
+        looks_local
+        and local.is_dir()
+        and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file())
+    ):
+        return _rows_from_disk(datasets, local, split)  # a folder written by Dataset.save_to_disk
     if looks_local and local.is_file():
         args: tuple[str, ...] = (BUILDERS[local.suffix],)
         kwargs: dict[str, Any] = {"data_files": str(local)}
@@ -113,6 +119,16 @@ def load_rows(
         raise ValueError(
             f"hf_dataset: cannot read {path!r}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
         ) from None
+    return [dict(row) for row in data]
+
+
+def _rows_from_disk(datasets: Any, folder: Path, split: str) -> list[dict[str, Any]]:
+    """Rows of a ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` and its ``split``)."""
+    data = datasets.load_from_disk(str(folder))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"hf_dataset: {str(folder)!r} has splits {sorted(data)}, not {split!r}")
+        data = data[split]
     return [dict(row) for row in data]
 
 
