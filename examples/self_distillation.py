@@ -69,7 +69,7 @@ def methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Method label -> ``{"experiment", "model", "agent", "train"}`` overrides."""
     gkd = {"name": "gkd", "divergence": args.divergence, "lmbda": 1.0}
     k = args.group_size
-    return {
+    out: dict[str, dict[str, Any]] = {
         "opsd": {
             "experiment": "opsd",
             "model": {"teacher": "self"},
@@ -110,6 +110,10 @@ def methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             },
         },
     }
+    # The same two at a lower learning rate: is a change the mechanism's or the step size's?
+    for name in ("grpo", "rl_gkd"):
+        out[f"{name}_low_lr"] = {**out[name], "train": {"lr": args.low_lr}}
+    return out
 
 
 def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
@@ -169,7 +173,21 @@ def spin_rounds(trainer: Any, job: Job) -> dict[str, Any] | None:
     from rl_distill.logger import read_jsonl
 
     rows = read_jsonl(trainer.output_dir / "metrics.jsonl")
-    return {"spin_kl": [[r["step"], r["rollout/spin_kl"]] for r in rows if "rollout/spin_kl" in r]}
+    size = job.agent["round_steps"]
+    rounds: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "rollout/dpo_logit" in r:
+            rounds.setdefault((r["step"] - 1) // size, []).append(r)
+
+    def mean(key: str, part: list[dict[str, Any]]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    return {
+        "spin_kl": [[r["step"], r["rollout/spin_kl"]] for r in rows if "rollout/spin_kl" in r],
+        # per round: the share of samples equal to their reference (no DPO signal) and the mean logit h
+        "same": [mean("rollout/rejected_equals_chosen", rounds[i]) for i in sorted(rounds)],
+        "dpo_logit": [mean("rollout/dpo_logit", rounds[i]) for i in sorted(rounds)],
+    }
 
 
 def privileged_teacher_accuracy(
@@ -243,6 +261,8 @@ def per_round(runs: list[dict[str, Any]], round_steps: int) -> list[dict[str, An
                 "kl": mean_std(kls),
                 "greedy": mean_std([e[GREEDY] for e in evals]),
                 "sampled": mean_std([e[SAMPLED] for e in evals]),
+                "same": mean_std([r["extra"]["same"][i] for r in spin]),
+                "dpo_logit": mean_std([r["extra"]["dpo_logit"][i] for r in spin]),
             }
         )
     return out
@@ -320,14 +340,23 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
         "at temperature 1, chosen = the references. KL(model || ref) of whole completions at each round's end "
         f"(the round's starting model as ref; {args.num_eval} held-out prompts, nats per sequence).",
         "",
-        "| round | KL(model ‖ ref) | greedy accuracy | sampled accuracy |",
-        "|---|---|---|---|",
+        "| round | KL(model ‖ ref) | greedy accuracy | sampled accuracy | samples = reference | mean DPO logit h |",
+        "|---|---|---|---|---|---|",
     ]
     spin_start = (stat(runs, "spin", "before", GREEDY), stat(runs, "spin", "before", SAMPLED))
-    lines.append(f"| 0 (SFT start) | — | {fmt(*spin_start[0][:2])} | {fmt(*spin_start[1][:2])} |")
+    lines.append(f"| 0 (SFT start) | — | {fmt(*spin_start[0][:2])} | {fmt(*spin_start[1][:2])} | — | — |")
     rounds = per_round(runs, args.spin_round_steps)
     for r in rounds:
-        lines.append(f"| {r['round']} | {fmt(*r['kl'], 4)} | {fmt(*r['greedy'])} | {fmt(*r['sampled'])} |")
+        lines.append(
+            f"| {r['round']} | {fmt(*r['kl'], 4)} | {fmt(*r['greedy'])} | {fmt(*r['sampled'])} | "
+            f"{fmt(*r['same'])} | {fmt(*r['dpo_logit'])} |"
+        )
+    lines += [
+        "",
+        '("samples = reference": the share of the round\'s rejected samples identical to their chosen '
+        "reference, pairs that carry no DPO signal; h > 0 means the model already prefers the references more "
+        "than the round's reference model does.)",
+    ]
     lines += [
         "",
         "## 3. SD-ZERO: verifier-only GRPO vs RL + on-policy GKD (Eq. 5, alpha 0.5)",
@@ -336,12 +365,12 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"verifier, group-normalised advantages (r - mean) / (std + eps) over each prompt's {k} samples. "
         "`grpo`: no teacher (`model.teacher: null`), clipped ratio, 2 inner epochs, no KL penalty. "
         f"`rl_gkd`: GKD with alpha 0.5: 0.5 x {args.divergence} to the tiny teacher - 0.5 x REINFORCE on the "
-        "verifier reward (`samples_per_prompt` groups).",
+        f"verifier reward (`samples_per_prompt` groups). `*_low_lr`: the same two at lr {args.low_lr}.",
         "",
         "| method | greedy before | greedy after | sampled before | sampled after |",
         "|---|---|---|---|---|",
     ]
-    for method in ("grpo", "rl_gkd"):
+    for method in ("grpo", "rl_gkd", "grpo_low_lr", "rl_gkd_low_lr"):
         cells = [
             fmt(*stat(runs, method, w, key)[:2]) for key in (GREEDY, SAMPLED) for w in ("before", "after")
         ]
@@ -388,12 +417,21 @@ def verdicts(
                 else f"ratio last/first {last / first:.2f}: it does not flatten to a third within these rounds"
             )
             + f"); greedy accuracy per round peaks at {peak:.3f} from {stat(runs, 'spin', 'before', GREEDY)[0]:.3f} at the "
-            f"start and ends at {rounds[-1]['greedy'][0]:.3f}."
+            f"start and ends at {rounds[-1]['greedy'][0]:.3f}. The chapter's saturation needs the model's samples to "
+            f"match the data; the share of samples equal to their reference goes from {rounds[0]['same'][0]:.3f} in "
+            f"round 1 to {rounds[-1]['same'][0]:.3f} in round {len(rounds)}"
+            + (
+                ": most pairs still differ, so the DPO signal has not run out."
+                if rounds[-1]["same"][0] < 0.5
+                else ": most pairs already match, so the DPO signal is running out."
+            )
         )
     out.append(
         f"- *SD-ZERO: a verifier alone (GRPO, no teacher) improves the model by trial and error.* Greedy change: "
         f"GRPO {verdict_change(grpo)} (sampled {verdict_change(grpo_s)}); RL + GKD with the tiny teacher "
-        f"{verdict_change(rl)} (sampled {verdict_change(rl_s)}), from the same start and sample budget."
+        f"{verdict_change(rl)} (sampled {verdict_change(rl_s)}), from the same start and sample budget. At lr "
+        f"{args.low_lr}: GRPO {verdict_change(delta(runs, 'grpo_low_lr', GREEDY))}, RL + GKD "
+        f"{verdict_change(delta(runs, 'rl_gkd_low_lr', GREEDY))} (greedy)."
     )
     out.append(
         "- Scale caveat: a 2-layer, 64-wide character model, "
@@ -408,13 +446,16 @@ def plot(args: argparse.Namespace, data: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     runs = data["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, methods_ in ((axes[0], ("opsd", "gkd")), (axes[2], ("grpo", "rl_gkd"))):
+    for ax, methods_ in (
+        (axes[0], ("opsd", "gkd")),
+        (axes[2], ("grpo", "rl_gkd", "grpo_low_lr", "rl_gkd_low_lr")),
+    ):
         xs = range(len(methods_))
         for offset, (where, color) in enumerate((("before", "0.6"), ("after", "C0"))):
             means = [stat(runs, m, where, GREEDY)[0] for m in methods_]
             stds = [stat(runs, m, where, GREEDY)[1] for m in methods_]
             ax.bar([x + 0.4 * offset for x in xs], means, 0.4, yerr=stds, color=color, label=where)
-        ax.set_xticks([x + 0.2 for x in xs], methods_)
+        ax.set_xticks([x + 0.2 for x in xs], [m.replace("_low_lr", "\nlow lr") for m in methods_])
         ax.set_ylabel("greedy held-out accuracy")
         ax.legend()
     axes[0].set_title("OPSD vs on-policy GKD")
@@ -448,15 +489,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="*", default=None, help="default: all (opsd gkd spin grpo rl_gkd)")
     p.add_argument("--length", type=int, default=2, help="operations per problem")
-    p.add_argument("--num-eval", type=int, default=64, help="held-out problems evaluated")
-    p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--num-eval", type=int, default=256, help="held-out problems evaluated")
+    p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--group-size", type=int, default=4, help="GRPO / RL+GKD samples per prompt")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--low-lr", type=float, default=1e-5, help="lr of the grpo_low_lr and rl_gkd_low_lr arms")
     p.add_argument("--divergence", default="reverse_kl")
     p.add_argument("--template", default=TEMPLATE, help="OPSD teacher_template (prompt, reference, answer)")
-    p.add_argument("--spin-rounds", type=int, default=5)
-    p.add_argument("--spin-round-steps", type=int, default=8)
+    p.add_argument("--spin-rounds", type=int, default=8)
+    p.add_argument("--spin-round-steps", type=int, default=12)
     p.add_argument("--spin-beta", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

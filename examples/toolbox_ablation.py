@@ -10,7 +10,8 @@ measures each with the lab's exact metrics:
 - ``industrial``: ``lmbda: {preset: industrial}`` (20% lambda 0, 40% mixed 0.3 -> 0.7, then 1);
 - ``tip_weight`` / ``tip_filter``: token importance weighting, or the filter at threshold 0.3;
 - ``reject``: flawed-prefix rejection by student perplexity (``reject: {max_perplexity: ...}``),
-  the threshold picked on validation seed 100 only (quantiles of the warm-start samples' perplexity);
+  the threshold picked on validation seed 100 only, among candidates from the warm-start samples'
+  perplexity there (the clean/flawed midpoint and two quantiles);
 - ``beta_ext0.5`` / ``beta_ext2``: reward extrapolation with the lab's verifier reward (1 when the
   completion is one of the teacher's two length-T sequences, else 0); beta_ext = 0 is the baseline;
 - ``minillm`` (teacher_mix 0.2, length-normalised) against the lab's ``reinforce_rkl`` arm.
@@ -19,7 +20,7 @@ Same warm start, step budget and learning rates as the lab's tuned arms (read fr
 ``docs/results/opd_lab.json`` when it exists; the lab's validated values otherwise); nothing is tuned
 on the reported seeds.
 
-    python examples/toolbox_ablation.py            # the grid (about 15-20 min on 2 loaded cores)
+    python examples/toolbox_ablation.py            # the grid (about 10-15 min on 2 shared cores)
     python examples/toolbox_ablation.py --quick    # seconds: the smoke test's grid
 
 Runs are appended to ``runs/toolbox_ablation/runs.jsonl`` and skipped on restart. Writes
@@ -184,7 +185,7 @@ def warm_started(job: Job) -> dict[str, Any]:
 
 
 def run_one(job: Job, out_root: str) -> dict[str, Any]:
-    """A warm-start probe (``kind=probe``) or one training run of an arm (``kind=train``)."""
+    """A warm-start probe (``kind=probe``) or one training run of an arm (``kind`` ``val`` or ``test``)."""
     del out_root  # nothing is written per run: the row is the record
     start = time.perf_counter()
     lab = warm_started(job)
@@ -390,12 +391,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_page(payload, args.results, args.name)
         return payload
     load_start = opd_lab.system_load()
-    arms, trained = list(args.arms), 0
+    arms, trained, val_trained = list(args.arms), 0, 0
     cached = {r["key"] for r in read_runs(args.out / "runs.jsonl")}
     reject: dict[str, Any] = {}
     if "reject" in arms:
         probe_jobs = [make_job(args, "probe", "reject", n, args.val_seed, {}) for n in args.lengths]
-        trained += runs_to_train(probe_jobs, args.out)
+        val_trained += runs_to_train(probe_jobs, args.out)
         probes = run_jobs(probe_jobs, args.out, workers=args.workers, runner=run_one)
         candidates = candidate_thresholds(probes, args.reject_quantiles)
         val_jobs = [
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for n in args.lengths
             for c in candidates[n]
         ]
-        trained += runs_to_train(val_jobs, args.out)
+        val_trained += runs_to_train(val_jobs, args.out)
         val_runs = run_jobs(val_jobs, args.out, workers=args.workers, runner=run_one)
         reject = select_reject_threshold(probes, val_runs, candidates, args.reject_quantiles)
         print("reject thresholds:", reject["chosen"], flush=True)
@@ -444,8 +445,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.items() if k != "job"} for r in runs],
     }
     data["invocations"] = previous_invocations(args.results / f"{args.name}.json", cached)
-    current = {"runs_trained": trained, "load_start": load_start, "load_end": data["system"]["load_end"]}
-    if trained or not data["invocations"]:
+    current = {
+        "runs_trained": trained,
+        "validation_runs_trained": val_trained,
+        "load_start": load_start,
+        "load_end": data["system"]["load_end"],
+    }
+    if trained or val_trained or not data["invocations"]:
         data["invocations"].append(current)
     payload = write_report(
         args.name,
@@ -478,7 +484,10 @@ def previous_invocations(path: Path, cached: set[str]) -> list[dict[str, Any]]:
     if not prev.get("runs") or not {r["key"] for r in prev["runs"]} <= cached:
         return []
     if "invocations" in prev:
-        return [i for i in prev["invocations"] if i.get("runs_trained") != 0]  # 0: a regeneration
+        # An invocation that trained nothing only regenerated the page.
+        return [
+            i for i in prev["invocations"] if i.get("runs_trained") != 0 or i.get("validation_runs_trained")
+        ]
     inv = prev.get("invocation", {})  # a JSON from before the history was kept
     return [{**inv, "load_start": prev["system"]["load_start"], "load_end": prev["system"]["load_end"]}]
 
@@ -507,11 +516,15 @@ def select_reject_threshold(
         for c in candidates[t]:
             run = next(r for r in val_runs if r["T"] == t and r["extra"]["reject"]["max_perplexity"] == c)
             diag = run["diagnostics"].get("rollout/filter/rejected_fraction", {})
+            trace = diag.get("trace", [[0, math.nan]])
             rows.append(
                 {
                     "max_perplexity": c,
                     "expected_errors": run["metrics"]["expected_errors"],
                     "rejected_fraction": diag.get("mean", math.nan),
+                    "rejected_first": trace[0][1],
+                    "rejected_last": trace[-1][1],
+                    "empty_steps": run["empty_steps"],
                 }
             )
         out["candidates"][str(t)] = rows
@@ -669,18 +682,24 @@ def verdict(technique: str, payload: dict[str, Any]) -> str:
     for t in a["lengths"]:
         d = a["deltas"][technique][str(t)]["expected_errors"]
         cx, cy = a["cells"][arm][str(t)], a["cells"][ref][str(t)]
+        (kx, n), (ky, _) = collapsed(payload, arm, t), collapsed(payload, ref, t)
+        low, pairs = lower_in(payload, arm, ref, t)
         if d["lo"] == d["lo"] and d["hi"] < 0:
             effects.append(f"lowers errors at T={t}")
         elif d["lo"] == d["lo"] and d["lo"] > 0:
             effects.append(f"raises errors at T={t}")
-        (kx, n), (ky, _) = collapsed(payload, arm, t), collapsed(payload, ref, t)
-        low, pairs = lower_in(payload, arm, ref, t)
+        elif pairs > 1 and low in (0, pairs):
+            effects.append(
+                f"{'lower' if low else 'higher'} in all {pairs} seeds at T={t}, interval includes 0"
+            )
+        else:
+            effects.append(f"no effect within seed spread at T={t}")
         parts.append(
             f"T={t}: errors {_ms(cx['expected_errors'])} vs {_ms(cy['expected_errors'])}, Δ {_delta(d)}, "
             f"lower in {low}/{pairs} seeds; success < {COLLAPSE:g} in {kx}/{n} vs {ky}/{n} seeds; "
             f"a mode dropped in {cx['dropped_mode']}/{n} vs {cy['dropped_mode']}/{n}"
         )
-    head = "; ".join(effects) if effects else "no effect within seed spread"
+    head = "; ".join(effects)
     return f"- **{technique}** (`{arm}` vs `{ref}`): **{head}**. " + ". ".join(parts) + "."
 
 
@@ -729,18 +748,31 @@ def reading(payload: dict[str, Any]) -> list[str]:
         )
     rej = payload.get("reject_selection") or {}
     if "reject" in arms and rej:
-        val = {c["max_perplexity"]: c for c in rej["candidates"][str(long)]}[rej["chosen"][str(long)]]
-        d = cells["reject"][str(long)]
-        first = d["diagnostics"]["rollout/filter/rejected_fraction"]["trace"][0][1]
+        key = str(long)
+        cands = rej["candidates"][key]
+        val = next(c for c in cands if c["max_perplexity"] == rej["chosen"][key])
+        others = [c for c in cands if c is not val]
+        d = cells["reject"][key]
+        trace = d["diagnostics"]["rollout/filter/rejected_fraction"]["trace"]
+        errs = curve(payload, "reject", long)
+        window = payload["settings"].get("trace_window", "")
         out.append(
-            f"- **Rejection**: the threshold chosen on seed {setup['val_seed']} (T={long}: max_perplexity "
-            f"{rej['chosen'][str(long)]:g}, which rejected {val['rejected_fraction']:.2f} of that seed's samples) "
-            f"rejects {first:.2f} of the reported seeds' samples in the first {payload['settings'].get('trace_window', '')} "
-            f"steps and {_ms(d['diagnostics']['rollout/filter/rejected_fraction']['mean'], 2)} over the run; "
-            f"{_ms(d['empty_steps'], 1)} of {setup['steps']} steps had every sample rejected (no update). The "
-            "warm-start perplexity scale differs between seeds (clean samples sit just below it on seed "
-            f"{setup['val_seed']}), and a student whose samples are all rejected gets no gradient, so it cannot "
-            "recover from a collapse."
+            f"- **Rejection** (T={long}): the chosen threshold {rej['chosen'][key]:g} lies between the "
+            "probe's clean and flawed samples, so it rejects every flawed sample: at first most of them "
+            f"({val['rejected_first']:.2f} in the first {window} steps on seed {setup['val_seed']}, "
+            f"{trace[0][1]:.2f} on the reported seeds). On seed {setup['val_seed']} the kept clean samples "
+            f"sufficed and the rejected fraction fell to {val['rejected_last']:.2f} by the last window. On the "
+            f"reported seeds it rose to {trace[-1][1]:.2f}: {_ms(d['empty_steps'], 1)} of {setup['steps']} "
+            "steps had every sample rejected, hence no update, and the student stays where it is (mean errors "
+            + ", ".join(f"step {p['step']}: {p['errors']:.2f}" for p in errs[1:])
+            + "). The looser candidates did the same on the validation seed ("
+            + "; ".join(
+                f"{c['max_perplexity']:g}: rejected {c['rejected_last']:.2f} in the last window, "
+                f"{c['empty_steps']} steps without update"
+                for c in others
+            )
+            + "). The baseline goes through the same collapse and recovers by training on its own flawed "
+            "samples (first bullet); rejection withholds exactly those."
         )
     ext = [x for x in ("beta_ext0.5", "beta_ext2") if x in arms]
     if ext:
@@ -763,7 +795,8 @@ def reading(payload: dict[str, Any]) -> list[str]:
             f"- **MiniLLM vs REINFORCE** at T={long}: `minillm` {_curve_text(payload, 'minillm', long)}; "
             f"`reinforce` {_curve_text(payload, 'reinforce', long)}. Smaller-mode share {_ms(m['min_coverage'], 2)} "
             f"vs {_ms(r['min_coverage'], 2)} (dropped {m['dropped_mode']}/{n} vs {r['dropped_mode']}/{n}); "
-            "MiniLLM's exact single-step term and 20% teacher tokens in its samples (likely both) keep its "
+            f"MiniLLM's exact single-step term and its {setup['arms']['minillm']['teacher_mix']:.0%} teacher "
+            "tokens in the samples (likely both) keep its "
             "samples on the teacher's paths, where REINFORCE's sampled reverse-KL return seeks one mode."
         )
     return out
@@ -772,16 +805,19 @@ def reading(payload: dict[str, Any]) -> list[str]:
 def invocation_lines(payload: dict[str, Any]) -> list[str]:
     """The wall time of the grid over the invocations that trained it (it is resumable)."""
     invs = payload.get("invocations", [])
-    if len(invs) < 2:
-        return []
-    parts = [
-        f"{i['seconds'] / 60:.1f} min ("
-        + (
-            "runs trained: not recorded"
-            if i.get("runs_trained") is None
-            else f"{i['runs_trained']} runs trained"
+
+    def trained(i: dict[str, Any]) -> str:
+        if i.get("runs_trained") is None:
+            return "runs trained: not recorded"
+        return (
+            f"{i['runs_trained']} reported runs and {i.get('validation_runs_trained', 0)} validation runs "
+            "(perplexity probe, rejection threshold) trained"
         )
-        + f"; load at start `{i['load_start'].split('load average: ')[-1]}`)"
+
+    if len(invs) == 1:
+        return [f"- In this invocation: {trained(invs[0])}; all in the wall time above"]
+    parts = [
+        f"{i['seconds'] / 60:.1f} min ({trained(i)}; load at start `{i['load_start'].split('load average: ')[-1]}`)"
         for i in invs
     ]
     total = sum(i["seconds"] for i in invs) / 60
@@ -912,13 +948,20 @@ def write_page(payload: dict[str, Any], results: Path, name: str) -> Path:
     lines += [
         "## Notes",
         "",
-        '- Three seeds: the intervals are wide (t quantile 4.30 for 2 degrees of freedom); "no effect" means '
-        "none resolved at this size, not that the option does nothing.",
+        f"- {len(a['seeds'])} seeds: the intervals are wide (t quantile {T95.get(len(a['seeds']) - 1, 1.96):.2f} "
+        f'for {len(a["seeds"]) - 1} degrees of freedom); "no effect" means none resolved at this size, not that '
+        "the option does nothing.",
         "- `baseline` is the lab's `gkd_l1_jsd0.5` arm (same configuration, warm start, seeds and lr), "
         "`reinforce` its `reinforce_rkl` arm; MiniLLM reuses REINFORCE's lr, not tuned.",
-        "- Cut to fit the time budget: "
-        + (", ".join(f"`{c}`" for c in setup["cut"]) or "nothing")
-        + " (the same script runs them with `--arms`).",
+        (
+            "- Cut to fit the time budget: "
+            + ", ".join(f"`{c}`" for c in setup["cut"])
+            + " (run them with `--arms`)."
+            if setup["cut"]
+            else "- Nothing was cut: every requested arm, at T = "
+            + " and ".join(str(t) for t in lengths)
+            + f", {len(a['seeds'])} seeds each, fit the time budget."
+        ),
         "- Rejected samples are dropped without resampling (`reject_resample: 0`), so the rejection arm trains "
         "on fewer sequences per step than the others.",
         "",

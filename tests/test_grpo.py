@@ -308,3 +308,21 @@ def test_gkd_group_config_checks(overrides, message):
 
     with pytest.raises(ValueError, match=message):
         GKDConfig(**overrides)
+
+
+@pytest.mark.parametrize("advantage", ["group_norm", "group_mean"])
+def test_grpo_learns_a_toy_reward_without_a_teacher(tokenizer, advantage):
+    """Reward: the share of '7's in a 4-character completion. A random tiny model gets ~1%; GRPO learns it."""
+    from rl_distill.models import tiny_llama
+
+    student = tiny_llama(len(tokenizer), hidden_size=32, num_layers=1, seed=0)
+    engine = RolloutEngine(student, None, tokenizer)
+
+    def sevens(prompts, completions):
+        return [c.count("7") / max(1, len(c)) for c in completions]
+
+    config = GRPOConfig(samples_per_prompt=8, max_new_tokens=4, advantage=advantage)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    agent = GRPOAgent(engine, opt, config, reward=sevens, generator=torch.Generator().manual_seed(0))
+    rewards = [agent.update([Example("a"), Example("b")])["rollout/external_reward"] for _ in range(30)]
+    assert sum(rewards[:5]) / 5 < 0.1 and sum(rewards[-5:]) / 5 > 0.8

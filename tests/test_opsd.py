@@ -331,7 +331,15 @@ def test_self_distillation_experiment_smoke(tmp_path):
             "--spin-rounds", "2", "--spin-round-steps", "1"]  # fmt: skip
     mod = load("self_distillation")
     payload = mod.main(argv)
-    assert {r["method"] for r in payload["runs"]} == {"opsd", "gkd", "spin", "grpo", "rl_gkd"}
+    assert {r["method"] for r in payload["runs"]} == {
+        "opsd",
+        "gkd",
+        "spin",
+        "grpo",
+        "rl_gkd",
+        "grpo_low_lr",
+        "rl_gkd_low_lr",
+    }
     spin = next(r for r in payload["runs"] if r["method"] == "spin")
     assert [step for step, _ in spin["extra"]["spin_kl"]] == [1, 2]
     page = (results / "self_distillation.md").read_text()
