@@ -48,6 +48,7 @@ from _experiment import (  # noqa: E402
     group_stats,
     load_pair,
     pyplot,
+    relative,
     run_job,
     run_jobs,
     runs_to_train,
@@ -293,7 +294,7 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
     steps, batch, k = args.train_steps, args.batch_size, args.group_size
     lines = [
         "Tutorial chapter 6's three self-distillation mechanisms on the tiny compact-arithmetic task "
-        f"({args.length} operations), all from the same SFT-started student (`{args.artifacts}/student`); "
+        f"({args.length} operations), all from the same SFT-started student (`{relative(args.artifacts)}/student`); "
         f"held-out accuracy on the first {args.num_eval} problems of the eval split (exact match of the final "
         "answer), greedy and sampled at temperature 1.",
         "",

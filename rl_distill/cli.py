@@ -96,7 +96,12 @@ def _eval_config(
     raw = load_config(config_path, overrides).to_dict() if config_path is not None else read_config(target)
     config = config_from_dict(apply_overrides(raw, overrides), allow_code=False)
     if is_model:  # evaluate this folder's weights as the student
-        config.model = dataclasses.replace(config.model, student=str(target), student_config=None)
+        model = config.model
+        if model.teacher == "self":
+            # The run's teacher was a frozen copy of its starting student: score against that start,
+            # not against a copy of the weights being evaluated (divergences would all be 0).
+            model = dataclasses.replace(model, teacher=model.student, teacher_refresh_every=0)
+        config.model = dataclasses.replace(model, student=str(target), student_config=None)
     return config, None if is_model else target, target.parent / f"eval-{target.name}"
 
 

@@ -353,7 +353,7 @@ def check_code_allowed(config: Config) -> None:
     """
     if config.train.allow_code_rewards:
         return
-    found = code_rewards(getattr(config.agent, "reward", None), "agent.reward")
+    found = code_rewards(config.agent.reward, "agent.reward")
     found += code_rewards(config.eval.reward, "eval.reward")
     if found:
         where, path = found[0]
@@ -494,7 +494,7 @@ def config_from_dict(raw: dict[str, Any], *, allow_code: bool = True) -> Config:
         )
     _, agent_cls = AGENTS[agent_name]
     agent = build_dataclass(agent_cls, agent_raw, "agent")
-    if isinstance(getattr(agent, "reward", None), str | dict):
+    if isinstance(agent.reward, str | dict):
         check_reward_spec(agent.reward, "agent.reward")
     config = Config(
         model=build_dataclass(ModelConfig, raw.get("model"), "model"),
@@ -517,7 +517,7 @@ def check_teacher_needed(config: Config) -> None:
         ConfigError: naming ``model.teacher`` or ``agent.teacher_template``.
     """
     agent, name = config.agent, config.agent_name
-    needs = getattr(agent, "needs_teacher", True)
+    needs = agent.needs_teacher
     if config.model.teacher is None and needs:
         raise ConfigError(
             f"model.teacher: null (no teacher), but agent {name!r} with these settings scores with a teacher "

@@ -367,3 +367,21 @@ def test_seqkd_with_a_privileged_teacher_samples_from_the_hinted_prompt(student,
     assert torch.equal(
         fixed.completion_ids[fixed.completion_mask], direct.completion_ids[direct.completion_mask]
     )
+
+
+def test_eval_of_a_self_teacher_run_scores_against_the_starting_student(tmp_path):
+    """`rl-distill eval final/` of a `teacher: self` run: the teacher is the run's start, not the final weights."""
+    import dataclasses
+
+    from rl_distill.cli import _eval_config
+    from rl_distill.trainer import Trainer
+
+    config = opsd_config(
+        tmp_path, "agent.teacher_template='{prompt}'", "train.save_final=true", "train.lr=0.05", steps=2
+    )
+    Trainer(config).train()
+    final = tmp_path / "run" / "final"
+    evaluated, step_dir, _ = _eval_config(final, [], None)
+    assert step_dir is None and evaluated.model.student == str(final)
+    assert evaluated.model.teacher == str(tmp_path / "student") and evaluated.model.teacher_refresh_every == 0
+    assert dataclasses.replace(evaluated.model, teacher="self").teacher == "self"  # the rest is unchanged
