@@ -261,8 +261,7 @@ def teacher_reference(args: argparse.Namespace) -> dict[str, Any]:
     """
     import torch
 
-    from rl_distill.rewards.registry import score_examples
-    from rl_distill.rewards.registry import build_reward
+    from rl_distill.rewards.registry import build_reward, score_examples
     from rl_distill.rollout import RolloutEngine, SamplingConfig
 
     settings = {"teacher": TEACHER, "data": data_spec(args), "max_new_tokens": args.max_new_tokens}

@@ -93,6 +93,7 @@ def _eval_config(
     if not target.is_dir():
         raise FileNotFoundError(f"{str(target)!r} is neither a config file nor a model/checkpoint folder")
     is_model = (target / "config.json").is_file()  # save_pretrained folder (final/)
+    is_adapter = not is_model and (target / "adapter_config.json").is_file()  # final/ of a LoRA student
     raw = load_config(config_path, overrides).to_dict() if config_path is not None else read_config(target)
     config = config_from_dict(apply_overrides(raw, overrides), allow_code=False)
     if is_model:  # evaluate this folder's weights as the student
@@ -102,6 +103,11 @@ def _eval_config(
             # not against a copy of the weights being evaluated (divergences would all be 0).
             model = dataclasses.replace(model, teacher=model.student, teacher_refresh_every=0)
         config.model = dataclasses.replace(model, student=str(target), student_config=None)
+    if is_adapter and config.model.lora is None:
+        raise ValueError(
+            f"{str(target)!r} holds a LoRA adapter, but its run configuration has no model.lora; "
+            "evaluate the merged model (final/merged) or pass --config with the run's config"
+        )
     return config, None if is_model else target, target.parent / f"eval-{target.name}"
 
 
@@ -115,7 +121,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config.train = dataclasses.replace(config.train, output_dir=str(out))
     run = build_components(config)  # models, engine, task, reward: no optimizer, no agent
     step = 0
-    if step_dir is not None:
+    if step_dir is not None and (step_dir / "adapter_config.json").is_file():
+        from safetensors.torch import load_file
+
+        from rl_distill.models.lora import load_adapter_state_dict
+
+        # A LoRA final/: the run's student rebuilt from its config, with the saved adapter loaded.
+        load_adapter_state_dict(
+            run.student, load_file(str(step_dir / "adapter_model.safetensors")), where=str(step_dir)
+        )
+    elif step_dir is not None:
         problem = validate_checkpoint(step_dir)
         if problem is not None:
             raise ValueError(f"checkpoint {step_dir} is damaged: {problem}")

@@ -80,6 +80,31 @@ def evaluation_rows(
     generator = torch.Generator(device=engine.device).manual_seed(seed)
     temp = sampling.temperature if sampling.temperature > 0 else 1.0
     rows: list[dict[str, Any]] = []
+    student = engine.student
+    was_training = student.training
+    student.eval()  # no dropout (e.g. LoRA dropout) in held-out metrics
+    try:
+        _evaluation_batches(
+            engine, examples, rows, sampling, batch_size, generator, temp, beta, reward, first_index
+        )
+    finally:
+        student.train(was_training)
+    return rows
+
+
+def _evaluation_batches(
+    engine: RolloutEngine,
+    examples: Sequence[Example],
+    rows: list[dict[str, Any]],
+    sampling: SamplingConfig,
+    batch_size: int,
+    generator: torch.Generator,
+    temp: float,
+    beta: float,
+    reward: Callable[..., list[float]] | None,
+    first_index: int,
+) -> None:
+    """Append one row per example to ``rows`` (the body of :func:`evaluation_rows`)."""
     for lo in range(0, len(examples), batch_size):
         batch = list(examples[lo : lo + batch_size])
         prompts = [ex.prompt for ex in batch]
@@ -109,7 +134,6 @@ def evaluation_rows(
             row.update({k: float(v[i]) for k, v in per_seq.items()})
             row["reward"] = rewards[i] if rewards is not None else None
             rows.append(row)
-    return rows
 
 
 def summarize_rows(

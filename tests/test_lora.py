@@ -286,3 +286,20 @@ def test_lora_memory_benchmark_runs_on_a_tiny_model():
     )
     result = lora_memory.run_variant(args, "lora_bf16")
     assert result["trainable_params"] < result["total_params"] and result["s_per_step"]["n"] == 1
+
+
+def test_eval_of_a_lora_final_folder_equals_eval_of_the_merged_model(tmp_path, teacher_dir):
+    """`rl-distill eval final/` rebuilds the LoRA student from the run's config and loads the adapter."""
+    import json
+
+    from rl_distill.cli import main
+    from rl_distill.trainer import Trainer
+
+    Trainer(run_config(tmp_path, teacher_dir, 2, train={"lr": 0.05})).train()
+    final = tmp_path / "run" / "final"
+    assert main(["eval", str(final), "--out", str(tmp_path / "ev_adapter")]) == 0
+    assert main(["eval", str(final / "merged"), "--out", str(tmp_path / "ev_merged")]) == 0
+    adapter = json.loads((tmp_path / "ev_adapter" / "metrics.json").read_text())
+    merged = json.loads((tmp_path / "ev_merged" / "metrics.json").read_text())
+    assert adapter.keys() == merged.keys()
+    assert adapter == pytest.approx(merged, rel=1e-4, abs=1e-5)

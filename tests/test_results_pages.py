@@ -541,3 +541,9 @@ def test_performance_raw_rows_name_only_patches_that_ran():
                 assert patches <= known, (path.name, patches)
                 if "inverse_cdf_sampling" in patches:
                     assert path.name in before_07b5d6f, path.name
+
+
+def test_lora_precision_page_is_generated_from_its_json():
+    from benchmarks import report_lora
+
+    assert report_lora.main(["--check"]) == 0
