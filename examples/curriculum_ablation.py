@@ -150,6 +150,8 @@ def build_jobs(args: argparse.Namespace, report: dict[str, Any]) -> list[Job]:
                 "lr_schedule": "cosine",
                 "eval_batch_size": 128,
                 "curriculum": ARMS[arm],
+                # A run is done once it is in runs.jsonl; a folder without it is a killed run's leftover.
+                "overwrite": True,
             }
             jobs.append(
                 Job(

@@ -33,3 +33,26 @@ def test_quick_writes_page_and_curriculum_starts_easy(tmp_path: Path) -> None:
     runs = {r["method"]: r for r in payload["runs"]}
     assert ca.mean_ops(runs["easy_to_hard"], 0.0, 0.5) < ca.mean_ops(runs["uniform"], 0.0, 0.5)
     assert arms["easy_to_hard"]["ops_drawn_first_quarter"][0] < arms["uniform"]["ops_drawn_first_quarter"][0]
+
+
+def test_readme_curriculum_row_matches_the_committed_json():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs" / "results" / "curriculum_ablation.json").read_text())
+    arms = data["summary"]["arms"]
+    row = next(
+        line
+        for line in (root / "README.md").read_text().splitlines()
+        if line.startswith("| curriculum ablation")
+    )
+    expected = [
+        f"{data['invocation']['seconds'] / 60:.1f} min",
+        f"first quarter: {arms['uniform']['hard_drawn_first_quarter'][0]:.3f} uniform, "
+        f"{arms['easy_to_hard']['hard_drawn_first_quarter'][0]:.3f} easy_to_hard",
+        f"(uniform {arms['uniform']['accuracy'][0]:.3f}, easy_to_hard {arms['easy_to_hard']['accuracy'][0]:.3f}, "
+        f"frontier {arms['frontier']['accuracy'][0]:.3f})",
+    ]
+    for text in expected:
+        assert text in row, text

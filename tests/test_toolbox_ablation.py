@@ -84,7 +84,11 @@ def test_readme_toolbox_row_matches_the_committed_json():
     def err(arm):
         return cells[arm]["40"]["expected_errors"][0]
 
-    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith("| toolbox ablation"))
+    row = next(
+        line
+        for line in (root / "README.md").read_text().splitlines()
+        if line.startswith("| toolbox ablation")
+    )
     expected = [
         f"{data['invocation']['seconds'] / 60:.1f} min",
         f"baseline {err('baseline'):.2f}",

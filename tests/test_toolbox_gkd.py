@@ -102,7 +102,10 @@ def test_the_agent_follows_the_schedules_it_is_told(engine):
     agent.set_progress(5, 10)
     assert agent.lmbda_now == pytest.approx(0.3 + 0.4 * 0.75) and agent.alpha_now == 0.75
     assert agent.schedule_metrics() == {"train/lmbda": agent.lmbda_now, "train/alpha": 0.75}
-    assert make_agent(engine).schedule_metrics() == {"train/lmbda": 1.0, "train/alpha": 1.0}  # logged every step
+    assert make_agent(engine).schedule_metrics() == {
+        "train/lmbda": 1.0,
+        "train/alpha": 1.0,
+    }  # logged every step
     for step, expected in ((0, 0.0), (1, 0.0), (9, 1.0)):
         agent.set_progress(step, 10)
         assert agent.update(EXAMPLES)["rollout/on_policy_fraction"] == expected
