@@ -80,7 +80,9 @@ def _record_batches() -> None:
 
     def next_batch(self: Any) -> list[Any]:
         batch = original(self)
-        self.__dict__.setdefault("drawn_ops", []).append([steps_of(ex) for ex in batch])
+        # Only arithmetic batches are recorded: the patch must not touch other runs in this process.
+        if batch and all("equation" in ex.metadata for ex in batch):
+            self.__dict__.setdefault("drawn_ops", []).append([steps_of(ex) for ex in batch])
         return batch
 
     next_batch._records = True  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rl_distill.agents import GKDConfig
 from rl_distill.config import ConfigError, EvalConfig, apply_overrides, config_from_dict, load_config
@@ -121,6 +122,9 @@ def test_every_example_config_trains_one_step_on_a_tiny_teacher(path, tiny_teach
         "data.num_eval=2", "agent.max_new_tokens=4", "train.steps=1", "train.batch_size=2",
         "train.save_every=1", f"train.output_dir={tmp_path}", "train.tensorboard=false",
     ]  # fmt: skip
+    accum = (yaml.safe_load(path.read_text()).get("train") or {}).get("grad_accum_steps", 1)
+    if accum > 2:  # keep the config's accumulation: at least one sequence per micro-batch
+        overrides.append(f"train.batch_size={accum}")
     config = load_config(path, overrides)
     result = Trainer(config).train()
     assert result.steps == 1 and "eval/jsd" in result.after
