@@ -385,3 +385,24 @@ def test_eval_of_a_self_teacher_run_scores_against_the_starting_student(tmp_path
     assert step_dir is None and evaluated.model.student == str(final)
     assert evaluated.model.teacher == str(tmp_path / "student") and evaluated.model.teacher_refresh_every == 0
     assert dataclasses.replace(evaluated.model, teacher="self").teacher == "self"  # the rest is unchanged
+
+
+def test_readme_self_distillation_row_quotes_the_page():
+    """The README's numbers appear in the page's tables (the page is written from the raw JSON by the script)."""
+    page = (ROOT / "docs" / "results" / "self_distillation.md").read_text()
+    row = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| self-distillation (issue #15)")
+    )
+    table = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("|")}
+    assert "| 0.711 ± 0.000 | 0.085 ± 0.078 |" in table["opsd"] and "0.085 vs" in row
+    assert "| 0.711 ± 0.000 | 0.659 ± 0.002 |" in table["gkd"] and "GKD 0.659" in row
+    assert "| `'{prompt}{answer}='` | 0.711 | 0.043 |" in page and "0.043 when decoding" in row
+    assert table["1"].split("|")[2].strip().startswith("0.2637") and table["8"].split("|")[
+        2
+    ].strip().startswith("0.1654")
+    assert "0.2637 -> 0.1654 over 8 rounds" in row and "near 0.617" in row and "| 0.617 ±" in table["8"]
+    assert "| 0.499 ± 0.032 |" in table["grpo"] and "| 0.616 ± 0.030 |" in table["rl_gkd"]
+    assert "| 0.677 ± 0.005 |" in table["grpo_low_lr"] and "| 0.703 ± 0.010 |" in table["rl_gkd_low_lr"]
+    assert "GRPO 0.499 vs RL + GKD 0.616 (lr 1e-5: 0.677 vs 0.703)" in row
