@@ -271,10 +271,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+#: Repository folders whose paths a report may quote (found again in a path recorded in another checkout).
+REPO_FOLDERS = ("artifacts", "runs", "docs", "examples")
+
+
 def relative(path: str | Path) -> str:
-    """``path`` relative to the repository when it is inside it (for reports), else as given."""
+    """``path`` relative to the repository (for reports), else as given.
+
+    A path recorded in another checkout (a page rebuilt from its JSON elsewhere) is cut at its first
+    repository folder (``artifacts/``, ``runs/``...), so the page does not depend on where it is rebuilt.
+    """
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+    if resolved.is_relative_to(REPO):
+        return str(resolved.relative_to(REPO))
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part in REPO_FOLDERS and Path(path).is_absolute():
+            return str(Path(*parts[i:]))
+    return str(path)
 
 
 def command_line() -> str:
