@@ -552,6 +552,7 @@ def test_lora_precision_page_is_generated_from_its_json():
 def test_readme_lora_row_matches_the_committed_json():
     data = bench("lora_memory.json")
     main_job = json.loads((BENCH / "bf16_main_job.json").read_text(encoding="utf-8"))
+    fp32 = json.loads((BENCH / "fp32_main_job.json").read_text(encoding="utf-8"))
     by = {r["variant"]: r for r in data["variants"]}
     row = next(line for line in readme_results().splitlines() if line.startswith("| LoRA and bf16"))
     expected = [
@@ -559,6 +560,7 @@ def test_readme_lora_row_matches_the_committed_json():
         f"optimizer state {by['lora']['optimizer_state_mib']:.1f} vs {by['full']['optimizer_state_mib']:.1f} MiB",
         f"RSS after warm-up {by['lora']['rss_after_warmup_mib']:.0f} vs {by['full']['rss_after_warmup_mib']:.0f} MiB",
         f"JSD {main_job['before']['eval/jsd']:.4f} -> {main_job['after']['eval/jsd']:.4f}",
+        f"fresh clone: {fp32['before']['eval/jsd']:.4f} -> {fp32['after']['eval/jsd']:.4f})",
     ]
     for text in expected:
         assert text in row, text
