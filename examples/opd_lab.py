@@ -165,16 +165,8 @@ def run_one(job: Job, out_root: str) -> dict[str, Any]:
     name, overrides = job.agent["name"], {k: v for k, v in job.agent.items() if k != "name"}
     agent = make_agent(name, overrides, engine, train["lr"], length, job.seed + 1)
     batch = batch_for(name, overrides, references, train["tokens_per_step"], length)
-    curve, every = [], max(1, train["steps"] // train["curve_points"])
-    curve.append({"step": 0, **_curve_point(before)})
-    skipped = 0
-    for step in range(1, train["steps"] + 1):
-        stats = agent.update(batch)
-        skipped += int(stats.get("train/skipped", 0.0))
-        if step % every == 0 and step < train["steps"]:
-            curve.append({"step": step, **_curve_point(evaluate(train["curve_continuations"]))})
-    final = evaluate(train["continuations"])
-    curve.append({"step": train["steps"], **_curve_point(final)})
+    steps, curve, final = train_loop(agent, batch, train, evaluate, before)
+    skipped = sum(int(row.get("train/skipped", 0.0)) for row in steps)
     return {
         "key": job.key,
         "method": job.method,
@@ -192,6 +184,26 @@ def run_one(job: Job, out_root: str) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - start,
         "job": {"agent": job.agent, "train": job.train},
     }
+
+
+def train_loop(
+    agent: Any, batch: list[Any], train: dict[str, Any], evaluate: Any, before: Any
+) -> tuple[list[dict[str, float]], list[dict[str, float]], Any]:
+    """``train["steps"]`` updates on ``batch`` with a learning curve; returns (step stats, curve, final metrics).
+
+    Before each update the agent is told the training progress, as the trainer does, so scheduled
+    values (lambda, alpha) follow it.
+    """
+    curve, every = [{"step": 0, **_curve_point(before)}], max(1, train["steps"] // train["curve_points"])
+    steps = []
+    for step in range(1, train["steps"] + 1):
+        agent.set_progress(step - 1, train["steps"])
+        steps.append({**agent.update(batch), **agent.schedule_metrics()})  # as the trainer logs them
+        if step % every == 0 and step < train["steps"]:
+            curve.append({"step": step, **_curve_point(evaluate(train["curve_continuations"]))})
+    final = evaluate(train["continuations"])
+    curve.append({"step": train["steps"], **_curve_point(final)})
+    return steps, curve, final
 
 
 def _curve_point(m: Any) -> dict[str, float]:

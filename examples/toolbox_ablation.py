@@ -238,19 +238,11 @@ def train(job: Job, lab: dict[str, Any]) -> dict[str, Any]:
         name, overrides, engine, tr["lr"], length, job.seed + 1, ValidSequenceReward(references)
     )
     batch = prompts_for(overrides, references, tr["tokens_per_step"], length)
-    curve, every = [{"step": 0, **opd_lab._curve_point(before)}], max(1, tr["steps"] // tr["curve_points"])
-    steps: list[dict[str, float]] = []
-    for step in range(1, tr["steps"] + 1):
-        agent.set_progress(step - 1, tr["steps"])  # what the trainer does: schedules follow progress
-        stats = agent.update(batch)
-        row = {k: float(stats[k]) for k in DIAGNOSTICS if k in stats}
-        if hasattr(agent, "lmbda_now"):
-            row["lmbda"] = agent.lmbda_now
-        steps.append(row)
-        if step % every == 0 and step < tr["steps"]:
-            curve.append({"step": step, **opd_lab._curve_point(evaluate(tr["curve_continuations"]))})
-    final = evaluate(tr["continuations"])
-    curve.append({"step": tr["steps"], **opd_lab._curve_point(final)})
+    stats, curve, final = opd_lab.train_loop(agent, batch, tr, evaluate, before)
+    steps = [{k: float(row[k]) for k in DIAGNOSTICS if k in row} for row in stats]
+    for row, raw in zip(steps, stats):
+        if "train/lmbda" in raw:  # the schedule's value at that step (logged by the agent)
+            row["lmbda"] = float(raw["train/lmbda"])
     return {
         "after": {"eval/expected_errors": final.expected_errors, "eval/success": final.success},
         "metrics": final.to_dict(),
