@@ -12,6 +12,7 @@ from rl_distill.agents.minillm import MiniLLMAgent, MiniLLMConfig
 from rl_distill.agents.ppo import PPOAgent, PPOConfig
 from rl_distill.agents.reinforce import REINFORCEAgent, REINFORCEConfig
 from rl_distill.agents.spin import SPINAgent, SPINConfig
+from rl_distill.agents.uld import ULDAgent, ULDConfig
 
 #: name -> (agent class, its config dataclass)
 AGENTS: dict[str, tuple[type[Agent], type]] = {
@@ -21,6 +22,7 @@ AGENTS: dict[str, tuple[type[Agent], type]] = {
     "minillm": (MiniLLMAgent, MiniLLMConfig),
     "spin": (SPINAgent, SPINConfig),
     "grpo": (GRPOAgent, GRPOConfig),
+    "uld": (ULDAgent, ULDConfig),
 }
 
 __all__ = [
@@ -39,4 +41,6 @@ __all__ = [
     "REINFORCEConfig",
     "SPINAgent",
     "SPINConfig",
+    "ULDAgent",
+    "ULDConfig",
 ]

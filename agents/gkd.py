@@ -78,6 +78,12 @@ training progress (``{preset: industrial}``: off-policy warmup, a mixed phase, t
 :mod:`rl_distill.schedules`); the agent reads their values for the current update
 (``lmbda_now``, ``alpha_now``), logged as ``train/lmbda`` and ``train/alpha``.
 
+*Sparse and cached teacher signals* (``teacher_topk``, ``teacher_cache``; docs/teacher_signals.md): with
+``teacher_topk = k`` the teacher scores with its top-k log-probs (at ``teacher_temperature``) instead of full
+logits, and ``D`` is :func:`~rl_distill.divergences.topk_divergence` (k tokens plus a tail bucket; never
+above the full divergence, exact at k = V). With ``teacher_cache`` (supervised KD: ``lmbda=0``, references)
+those top-k come from a cache written by ``rl-distill cache-teacher`` and the run loads no teacher.
+
 *Flawed-prefix rejection* (``reject``, tutorial ch. 7): on-policy samples failing the
 :class:`~rl_distill.filters.SampleFilter` (student perplexity, n-gram loops) are dropped before
 the teacher scores them, after up to ``reject_resample`` fresh tries; their examples get no loss
@@ -107,12 +113,13 @@ from rl_distill.agents.base import (
     select_rows,
 )
 from rl_distill.agents.grpo import group_advantages
-from rl_distill.divergences import DIVERGENCES, divergence
+from rl_distill.divergences import DIVERGENCES, divergence, topk_divergence
 from rl_distill.filters import SampleFilter
 from rl_distill.objective import objective_weights
 from rl_distill.rollout import Rollout
 from rl_distill.rollout.engine import filtered_logprobs, template_fields
 from rl_distill.tasks import Example
+from rl_distill.teacher_cache import TeacherCache
 from rl_distill.weighting import importance_filter, token_importance
 
 TOKEN_WEIGHTINGS = ("none", "tip_weight", "tip_filter")
@@ -156,6 +163,14 @@ class GKDConfig(AgentConfig):
     (``max_perplexity``, ``loop_repeats``, ``loop_ngram``, ``max_repeated_fraction``, ``repeat_ngram``); null: off."""
     reject_resample: int = 0
     """Extra sampling tries for rejected on-policy samples, >= 0 (still rejected after them: dropped)."""
+    teacher_topk: int | None = None
+    """Sparse teacher signal: the divergence on the teacher's top-k log-probs plus one tail bucket
+    (:func:`~rl_distill.divergences.topk_divergence`: never above the full divergence, exact at k = V); a
+    positive int <= the vocabulary size. null: the full distribution. See docs/teacher_signals.md."""
+    teacher_cache: str | None = None
+    """Folder written by ``rl-distill cache-teacher``: the teacher's top-k log-probs on the dataset references,
+    for supervised KD (lmbda=0, off_policy=reference) without loading the teacher; ``model.teacher`` names the
+    teacher it must match. null: score with the live teacher."""
 
     #: Fields that accept a schedule over training progress: the base's ``alpha``, and ``lmbda``.
     scheduled_fields: ClassVar[dict[str, tuple[float, float]]] = {
@@ -227,6 +242,42 @@ class GKDConfig(AgentConfig):
             raise ValueError(f"reject_resample must be >= 0, got {self.reject_resample}")
         if self.reject_filter is not None and no_samples:
             raise ValueError("reject filters on-policy samples, but lmbda=0 gives none")
+        self._check_teacher_signals(no_samples)
+
+    def _check_teacher_signals(self, no_samples: bool) -> None:
+        """Range and compatibility checks of ``teacher_topk`` and ``teacher_cache``."""
+        k = self.teacher_topk
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(
+                f"teacher_topk must be a positive integer (or null: the full distribution), got {k!r}"
+            )
+        sparse = "teacher_cache" if self.teacher_cache is not None else "teacher_topk"
+        if (k is not None or self.teacher_cache is not None) and self.target != "teacher":
+            raise ValueError(
+                f"{sparse} is a teacher signal; target {self.target!r} has no teacher distribution"
+            )
+        if (k is not None or self.teacher_cache is not None) and self.token_weighting != "none":
+            raise ValueError(
+                f"{sparse} keeps only the teacher's top-k; token_weighting {self.token_weighting!r} needs its full "
+                "distribution (entropy): set one of them off"
+            )
+        if self.teacher_cache is None:
+            return
+        if not self.teacher_cache:
+            raise ValueError(
+                "teacher_cache must name a folder written by rl-distill cache-teacher (or be null)"
+            )
+        if not no_samples:
+            raise ValueError(
+                f"teacher_cache holds teacher scores of the dataset references only (supervised KD, lmbda=0); "
+                f"lmbda={self.lmbda} samples on-policy, and those samples need the live teacher: set lmbda: 0 or "
+                "teacher_cache: null"
+            )
+        if self.off_policy != "reference":
+            raise ValueError(
+                f"teacher_cache scores the dataset references; off_policy {self.off_policy!r} samples from the "
+                "teacher, which needs the live teacher"
+            )
 
     @property
     def eval_beta(self) -> float:
@@ -297,6 +348,17 @@ class GKDAgent(Agent):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sample_filter = self.config.reject_filter
+        self.teacher_cache: TeacherCache | None = None
+        #: k of the sparse teacher signal (``teacher_topk``, or the cache's k); None: full distributions.
+        self.topk: int | None = self.config.teacher_topk
+        if self.topk is not None and self.topk > self.engine.vocab_size:
+            raise ValueError(
+                f"agent.teacher_topk: must be <= the vocabulary size {self.engine.vocab_size}, got {self.topk}"
+            )
+        if self.config.teacher_cache is not None:
+            self.teacher_cache = TeacherCache.open(self.config.teacher_cache)
+            self.teacher_cache.check_agent(self.config, self.engine)
+            self.topk = self.teacher_cache.k
         if self.grad_accum_steps > 1 and self.config.token_weighting != "none":
             raise ValueError(
                 f"train.grad_accum_steps: {self.grad_accum_steps} cannot be used with agent.token_weighting "
@@ -377,10 +439,23 @@ class GKDAgent(Agent):
                 got.rows += [sampled_rows[j] for j in rows.tolist()]
                 got.num_on_policy = len(rows)
         if off_rows:
-            got.rollouts.append(self._fixed_sequences([examples[i] for i in off_rows]))
+            off_examples = [examples[i] for i in off_rows]
+            fixed = self._fixed_sequences(off_examples)
+            if self.teacher_cache is not None:  # supervised KD from the cache: no teacher forward
+                fixed = self.teacher_cache.fill(fixed, off_examples)
+            got.rollouts.append(fixed)
             got.rows += off_rows
-        if cfg.target != "one_hot":  # SFT / SeqKD: the teacher's scores are not needed
-            got.rollouts = [self.engine.score(r, teacher_output="full") for r in got.rollouts]
+        # SFT / SeqKD (one-hot targets) need no teacher scores; from a cache they are filled in already.
+        if cfg.target != "one_hot" and self.teacher_cache is None:
+            if self.topk is None:
+                got.rollouts = [self.engine.score(r, teacher_output="full") for r in got.rollouts]
+            else:  # sparse signal: the top-k log-probs at the teacher's temperature
+                got.rollouts = [
+                    self.engine.score(
+                        r, teacher_output="topk", top_k=self.topk, teacher_temperature=cfg.teacher_temp
+                    )
+                    for r in got.rollouts
+                ]
         return got
 
     def collect(
@@ -428,6 +503,18 @@ class GKDAgent(Agent):
         cfg = self.config
         if student_logits is None:
             student_logits = self.engine.score_student(rollout)  # (B, T, V), with gradient
+        if self.topk is not None and cfg.target == "teacher":
+            assert rollout.teacher_topk_logprobs is not None and rollout.teacher_topk_ids is not None
+            return topk_divergence(
+                cfg.divergence,
+                rollout.teacher_topk_logprobs,  # (B, T, k), at teacher_temperature already
+                rollout.teacher_topk_ids,  # (B, T, k)
+                student_logits,
+                rollout.completion_mask,
+                beta=cfg.beta,
+                temperature=cfg.temperature,
+                reduction=reduction,  # type: ignore[arg-type]
+            )
         return divergence(
             cfg.divergence,
             self.teacher_target(rollout, student_logits.shape[-1]),

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.agents import AGENTS, Agent
 from rl_distill.config import TASK_EVAL_REWARDS, Config, ConfigError
+from rl_distill.cross_tokenizer import CrossTokenizerTeacher
 from rl_distill.curriculum import CurriculumSampler
-from rl_distill.distributed import Distributed, resolve_device
+from rl_distill.distributed import Distributed, resolve_device, sharding_problems
 from rl_distill.envs import ENV_ID  # importing the envs registers the Gymnasium ids
 from rl_distill.models import (
     check_tokenizers_match,
@@ -46,6 +47,7 @@ from rl_distill.rewards.registry import resolve_reward
 from rl_distill.rollout import PromptTooLongError, RolloutEngine
 from rl_distill.tasks import TaskData, load_task
 from rl_distill.tasks.hf_dataset import check_rendered_prompts
+from rl_distill.teacher_cache import check_cache_for_run, teacher_folder
 
 Models = tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -83,6 +85,9 @@ def build_models(
 
     ``model.teacher: self`` makes the teacher a frozen copy of the loaded student
     (:func:`frozen_copy`); ``null`` loads no teacher. Both take the student's own tokenizer.
+    With ``agent.teacher_cache`` the cache is checked against ``model.teacher`` and the tokenizer first
+    (:func:`~rl_distill.teacher_cache.check_cache_for_run`) and no teacher is returned; its weights are
+    read only to copy the layers of a kept-layer student.
 
     Returns:
         ``(teacher, student, tokenizer)``; the teacher is None with ``model.teacher: null`` (and
@@ -103,9 +108,18 @@ def build_models(
     )
     if mc.student is not None and not base_teacher:
         # Check tokenizers before loading the (possibly large) student weights.
-        check_tokenizers_match(tokenizer, load_tokenizer(mc.student, trust_remote_code=mc.trust_remote_code))
+        student_tokenizer = load_tokenizer(mc.student, trust_remote_code=mc.trust_remote_code)
+        if mc.cross_tokenizer is None:
+            check_tokenizers_match(tokenizer, student_tokenizer)
+        else:  # model.cross_tokenizer: the run's tokenizer is the student's (the teacher's: build_components)
+            tokenizer = student_tokenizer
+    cache = getattr(config.agent, "teacher_cache", None)
+    if cache is not None:  # supervised KD from a teacher cache: refuse a mismatched cache before any loading
+        check_cache_for_run(config, tokenizer)
+    # With a cache the teacher is loaded only to copy the layers of a kept-layer student, then dropped.
+    copies_layers = mc.student is None and mc.student_config is None
     teacher = None
-    if not base_teacher:
+    if not base_teacher and (cache is None or copies_layers):
         teacher = load_causal_lm(
             mc.teacher, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
         )
@@ -114,7 +128,12 @@ def build_models(
             mc.student, dtype=mc.dtype, device=device, trust_remote_code=mc.trust_remote_code
         )
     elif mc.student_config is not None:
-        cfg = {"vocab_size": teacher.config.vocab_size, **mc.student_config}
+        vocab = (
+            teacher.config.vocab_size
+            if teacher is not None
+            else AutoConfig.from_pretrained(teacher_folder(mc.teacher)).vocab_size
+        )  # a teacher cache: the teacher's config alone
+        cfg = {"vocab_size": vocab, **mc.student_config}
         student = student_from_config(cfg, seed=config.train.seed, dtype=resolve_dtype(mc.dtype)).to(device)
     else:
         layers = mc.student_layers
@@ -123,6 +142,8 @@ def build_models(
             num_layers=layers if isinstance(layers, int) else None,
             layers=layers if isinstance(layers, list) else None,
         )
+    if cache is not None:
+        teacher = None  # the cache replaces it: it never scores
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
@@ -180,6 +201,18 @@ def check_prompts_fit(engine: RolloutEngine, task: TaskData, max_new_tokens: int
                     )
 
 
+def build_cross_teacher(
+    config: Config, teacher: PreTrainedModel | None, student_tokenizer: PreTrainedTokenizerBase
+) -> CrossTokenizerTeacher | None:
+    """The teacher with its own tokenizer (``model.cross_tokenizer``, loaded from ``model.teacher``); else None."""
+    mc = config.model
+    if mc.cross_tokenizer is None:
+        return None
+    assert teacher is not None and mc.teacher is not None  # the config requires a teacher model
+    teacher_tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
+    return CrossTokenizerTeacher(teacher, teacher_tokenizer, student_tokenizer, chat_template=mc.chat_template)
+
+
 def build_eval_reward(config: Config) -> CheckedReward | None:
     """The reward averaged into the evaluation metrics (``eval.reward``; ``auto`` resolved here)."""
     spec = config.eval.reward
@@ -228,6 +261,7 @@ class Run:
         scheduler: the learning-rate scheduler (built after the agent, so it drives its groups too).
         curriculum: the sampler of training-example indices (``train.curriculum``), or None for the
             trainer's uniform shuffle.
+        cross_teacher: with ``model.cross_tokenizer``, the teacher and its own tokenizer.
     """
 
     config: Config
@@ -243,6 +277,8 @@ class Run:
     agent: Agent | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     curriculum: CurriculumSampler | None = None
+    cross_teacher: CrossTokenizerTeacher | None = None
+    """The teacher with its own tokenizer (``model.cross_tokenizer``); the engine then has no teacher."""
 
     @property
     def max_new_tokens(self) -> int:
@@ -278,12 +314,27 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
     if models is not None:
         teacher, student, tokenizer = models
         teacher = resolve_teacher(config, teacher, student)  # teacher: self copies the student
+        if getattr(config.agent, "teacher_cache", None) is not None:  # the cache replaces the teacher
+            check_cache_for_run(config, tokenizer)
+            teacher = None
     else:
         teacher, student, tokenizer = build_models(config, dist.device)
     # model.lora, model.teacher (base_of_student), model.teacher_dtype, train.precision and
     # train.gradient_checkpointing: rl_distill.models.lora.prepare_models.
     teacher, student = prepare_models(config.model, config.train, teacher, student, dist.device)
-    engine = RolloutEngine(student, teacher, tokenizer, chat_template=config.model.chat_template)
+    if dist.sharded:  # FSDP (docs/scaling.md): refuse what would desynchronise forwards, then shard both
+        problems = sharding_problems(config, len(task.eval), dist.world_size)
+        if problems:
+            raise ConfigError("FSDP (accelerate launch --use_fsdp) cannot run this: " + "; ".join(problems))
+        teacher = dist.shard(teacher) if teacher is not None else None
+        student = dist.shard(student)
+        if dist.is_main:
+            print(f"rl-distill: FSDP2: teacher and student sharded over {dist.world_size} processes", flush=True)
+    cross_teacher = build_cross_teacher(config, teacher, tokenizer)
+    engine_teacher = None if cross_teacher is not None else teacher  # it cannot read student token ids
+    engine = RolloutEngine(student, engine_teacher, tokenizer, chat_template=config.model.chat_template)
+    if dist.sharded:  # every forward is a collective: decode in lock-step across processes
+        engine.lockstep = dist.all_finished
     template = getattr(config.agent, "teacher_template", None)
     if template:  # privileged teacher prompts (OPSD), one per example of both splits
         try:
@@ -291,6 +342,7 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
         except ValueError as err:
             raise ConfigError(f"agent.{err}") from None
     run = Run(config, dist, task, teacher, student, tokenizer, engine, eval_reward=None)
+    run.cross_teacher = cross_teacher
     check_prompts_fit(engine, task, max(run.max_new_tokens, run.eval_max_new_tokens))
     check_rendered_prompts(task, engine.encoder.use_chat_template)
     run.eval_reward = build_eval_reward(config)
@@ -366,6 +418,7 @@ def build_agent(run: Run) -> Agent:
         **({"accelerator": run.dist.accelerator} if run.dist.enabled else {}),
         **({"grad_accum_steps": tc.grad_accum_steps} if tc.grad_accum_steps > 1 else {}),
         **({"grad_scaler": scaler} if scaler is not None else {}),
+        **({"cross_teacher": run.cross_teacher} if run.cross_teacher is not None else {}),
     )
     known = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
     missing = [p for p in agent.extra_parameters() if p.requires_grad and id(p) not in known]
@@ -404,6 +457,11 @@ def env_kwargs(config: Config, num_prompts: int) -> dict[str, Any]:
     if mc.teacher is None:
         raise ConfigError(
             "model.teacher: the token-generation environment's reward is the teacher's; it is null"
+        )
+    if mc.cross_tokenizer is not None:
+        raise ConfigError(
+            "model.cross_tokenizer: the environments reward student tokens with the teacher's log-probs of the "
+            "same token ids; they need a shared tokenizer"
         )
     if getattr(agent, "teacher_template", None):
         raise ConfigError(

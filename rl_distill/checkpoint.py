@@ -34,7 +34,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,8 @@ def save_checkpoint(
     keep_last: int,
     run_id: str | None = None,
     config_hash: str | None = None,
+    student_state: Mapping[str, Tensor] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically, then prune to the newest ``keep_last``.
 
@@ -364,6 +366,10 @@ def save_checkpoint(
         keep_last: checkpoints to keep.
         run_id: the run's id (``output_dir/run.json``), checked on resume.
         config_hash: :func:`config_hash` of ``config``, recorded for reference.
+        student_state: the student's full state dict, saved instead of ``student``'s own when the
+            student is sharded (FSDP; :meth:`rl_distill.distributed.Distributed.full_state`).
+        optimizer_state: the optimizer's full state dict (keyed by parameter name), saved instead of
+            ``optimizer.state_dict()`` when the student is sharded.
 
     Returns:
         The checkpoint folder.
@@ -373,13 +379,19 @@ def save_checkpoint(
         if is_lora(student):  # only the adapters train; the frozen base comes from the configuration
             adapters = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(student).items()}
             save_file(adapters, str(tmp / ADAPTER_FILE))
+        elif student_state is not None:  # a sharded student, gathered: plain tensors, each stored once
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in student_state.items()},
+                str(tmp / "student.safetensors"),
+            )
         else:
             save_model(student, str(tmp / "student.safetensors"))
         if extra:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "extra.safetensors")
             )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        optim = optimizer.state_dict() if optimizer_state is None else dict(optimizer_state)
+        torch.save(optim, tmp / "optimizer.pt")
         torch.save(dict(trainer_state), tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
@@ -444,12 +456,20 @@ def _is_tied(model: torch.nn.Module, key: str) -> bool:
 
 
 def load_checkpoint(
-    path: str | Path, *, student: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    *,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    load_states: Callable[[dict[str, Tensor], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Load student weights and optimizer state in place; return the trainer state.
 
     The returned dict is what was saved as ``trainer_state`` plus ``step`` and ``extra`` (the
     agent's extra tensors by name, empty when there were none).
+
+    A sharded student (FSDP) passes ``load_states``: it is called with the full student and
+    optimizer state dicts read from the checkpoint, and loads them itself
+    (:meth:`rl_distill.distributed.Distributed.load_full_state`).
 
     Raises:
         FileNotFoundError: not a complete checkpoint.
@@ -457,8 +477,12 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = read_meta(path)
-    load_student_weights(path, student)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if load_states is not None:
+        optim = torch.load(path / "optimizer.pt", weights_only=True)
+        load_states(load_file(str(path / "student.safetensors")), optim)
+    else:
+        load_student_weights(path, student)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     extra_file = path / "extra.safetensors"
     state["extra"] = load_file(str(extra_file)) if extra_file.is_file() else {}

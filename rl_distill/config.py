@@ -64,6 +64,9 @@ class ModelConfig:
     ``teacher: base_of_student`` the teacher is the student's base model with the adapters disabled."""
     teacher_refresh_every: int = 0
     """With ``teacher: self``: copy the student into the teacher again every N steps (0: never), >= 0."""
+    cross_tokenizer: str | None = None
+    """Distil from a teacher whose tokenizer differs from the student's: ``uld`` (span-aligned Universal Logit
+    Distillation, ``agent.name: uld``; rl_distill.cross_tokenizer). null: the tokenizers must match."""
 
     def __post_init__(self) -> None:
         if self.teacher is not None and not self.teacher:
@@ -84,6 +87,7 @@ class ModelConfig:
                 f"got teacher: {self.teacher!r}"
             )
         self._check_lora()
+        self._check_cross_tokenizer()
         if self.student is None and self.student_config is None:
             if self.student_layers is None:
                 raise ConfigError("student_layers: needed when student and student_config are null")
@@ -99,6 +103,29 @@ class ModelConfig:
             raise ConfigError(
                 f"device: must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
             )
+
+    def _check_cross_tokenizer(self) -> None:
+        """``cross_tokenizer`` names a known method and has a teacher model and a student checkpoint."""
+        if self.cross_tokenizer is None:
+            return
+        from rl_distill.cross_tokenizer import CROSS_TOKENIZER_METHODS
+
+        if self.cross_tokenizer not in CROSS_TOKENIZER_METHODS:
+            raise ConfigError(
+                f"cross_tokenizer: must be one of {', '.join(CROSS_TOKENIZER_METHODS)} or null, "
+                f"got {self.cross_tokenizer!r}"
+            )
+        if self.teacher in (None, "self", "base_of_student"):
+            raise ConfigError(
+                f"cross_tokenizer: needs a teacher model with its own tokenizer, got teacher: {self.teacher!r}"
+            )
+        if self.student is None:
+            raise ConfigError(
+                "cross_tokenizer: needs student (a checkpoint with its own tokenizer); a student built from "
+                "the teacher shares its tokenizer"
+            )
+        if self.lora is not None:
+            raise ConfigError("cross_tokenizer: is not supported together with model.lora")
 
     def _check_lora(self) -> None:
         """Parse ``lora`` (``self.lora_spec``) and check ``teacher: base_of_student`` (LoRA self-distillation)."""
@@ -505,9 +532,28 @@ def config_from_dict(raw: dict[str, Any], *, allow_code: bool = True) -> Config:
         eval=build_dataclass(EvalConfig, raw.get("eval"), "eval"),
     )
     check_teacher_needed(config)
+    check_cross_tokenizer(config)
     if not allow_code:
         check_code_allowed(config)
     return config
+
+
+def check_cross_tokenizer(config: Config) -> None:
+    """``model.cross_tokenizer`` and ``agent.name: uld`` go together.
+
+    Raises:
+        ConfigError: naming ``model.cross_tokenizer`` or ``agent.name``.
+    """
+    method, name = config.model.cross_tokenizer, config.agent_name
+    if method is not None and name != method:
+        raise ConfigError(
+            f"model.cross_tokenizer: {method!r} trains with agent.name: {method}, got agent.name: {name!r} "
+            "(the other agents compare token ids, which differ between the tokenizers)"
+        )
+    if method is None and name == "uld":
+        raise ConfigError(
+            "agent.name: 'uld' distils from a teacher with another tokenizer: set model.cross_tokenizer: uld"
+        )
 
 
 def check_teacher_needed(config: Config) -> None:
@@ -531,6 +577,17 @@ def check_teacher_needed(config: Config) -> None:
             else f"agent {name!r} with these settings never scores with the teacher"
         )
         raise ConfigError(f"agent.teacher_template: {why} to read it")
+    cache = getattr(agent, "teacher_cache", None)  # rl_distill.teacher_cache: matched to model.teacher
+    if cache is not None and config.model.teacher in (None, "self", "base_of_student"):
+        raise ConfigError(
+            f"agent.teacher_cache: model.teacher must name the teacher checkpoint the cache was built from, "
+            f"got {config.model.teacher!r}"
+        )
+    if cache is not None and getattr(config.model, "cross_tokenizer", None) is not None:
+        raise ConfigError(
+            "agent.teacher_cache: the cache holds top-k ids of the student's own tokenizer; it cannot be used "
+            "with model.cross_tokenizer"
+        )
 
 
 def _takes_mapping(section: str, name: str, raw: dict[str, Any]) -> bool:

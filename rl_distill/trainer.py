@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +470,7 @@ class Trainer:
         """Write ``checkpoints/step-N`` atomically (main process; every process contributes its RNG)."""
         rng = self.dist.gather(ckpt.capture_rng(self.generator))
         target = self.checkpoint_root / f"step-{self.step}"
+        full = self.dist.full_state(self.student, self.optimizer)  # FSDP: gathered (collective); else None
         if self.dist.is_main:
             state = {
                 "scheduler": self.scheduler.state_dict(),
@@ -496,6 +498,8 @@ class Trainer:
                 keep_last=self.config.train.keep_last,
                 run_id=self.run_id,
                 config_hash=ckpt.config_hash(config, RESUMABLE_CHANGES),
+                student_state=full[0] if full is not None else None,
+                optimizer_state=full[1] if full is not None else None,
             )
         self.dist.barrier()
         return target
@@ -559,7 +563,12 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG states, data position and counters from ``path``."""
-        state = ckpt.load_checkpoint(path, student=self.student, optimizer=self.optimizer)
+        load_states = (  # FSDP: every process reads the full state and keeps its shard
+            partial(self.dist.load_full_state, self.student, self.optimizer) if self.dist.sharded else None
+        )
+        state = ckpt.load_checkpoint(
+            path, student=self.student, optimizer=self.optimizer, load_states=load_states
+        )
         extra = state["extra"]
         teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in extra.items() if k.startswith(TEACHER_PREFIX)}
         if teacher:  # a refreshed self-teacher (model.teacher_refresh_every)
@@ -592,6 +601,7 @@ class Trainer:
         import yaml
 
         target = self.output_dir / "final"
+        full = self.dist.full_state(self.student)  # FSDP: the gathered weights (collective); else None
         if self.dist.is_main:
             with ckpt.atomic_directory(target) as tmp:
                 if is_lora(self.student):
@@ -600,7 +610,8 @@ class Trainer:
                         self.student, tmp, merge=spec is not None and spec.merge_on_save
                     )
                 else:
-                    self.student.save_pretrained(tmp, safe_serialization=True)
+                    state = {"state_dict": full[0]} if full is not None else {}
+                    self.student.save_pretrained(tmp, safe_serialization=True, **state)
                     folders = [tmp]
                 for folder in folders:
                     self.tokenizer.save_pretrained(folder)

@@ -3,9 +3,11 @@
 ``accelerate launch --cpu --num_processes 2`` starts a single process unless MPI is available
 (Accelerate's multi-CPU launcher is mpirun); ``--multi_gpu --num_processes 2`` uses torch's elastic
 launcher, which works on CPU too: with ``model.device: cpu`` every process creates a CPU Accelerator
-and the process group uses gloo.
+and the process group uses gloo. ``--use_fsdp --fsdp_version 2`` (instead of ``--multi_gpu``) shards
+teacher and student with FSDP2 over the same gloo group.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,33 @@ def _supervised_kd(teacher, out, batch_size):
         train={"steps": 1, "batch_size": batch_size, "lr": LR, "threads": 1, "tensorboard": False},
         eval={"num_samples": 0},
     )
+
+
+def _greedy_on_policy(teacher, out, batch_size, steps):
+    """On-policy GKD whose samples do not depend on the random stream (top_k = 1), saved every step.
+
+    Each process samples with its own generator; with top-k 1 every stream draws the same tokens, so
+    two processes of batch 2 see exactly the completions one process of batch 4 sees.
+    """
+    return tiny_config(
+        teacher,
+        out,
+        agent={"lmbda": 1.0, "divergence": "forward_kl", "top_k": 1},
+        train={
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": LR,
+            "threads": 1,
+            "tensorboard": False,
+            "save_every": 1,
+        },
+        eval={"num_samples": 0, "sampled": False, "greedy": True},
+    )
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/loss"] for row in rows if "train/loss" in row]
 
 
 def _train_in_process(cfg):
@@ -63,6 +92,41 @@ def test_two_processes_first_update_matches_one_process_with_the_same_global_bat
     assert max(float((one[k] - initial[k]).abs().max()) for k in one) > LR / 2  # a real update happened
     assert all(torch.allclose(one[k], both[k], rtol=0, atol=1e-5) for k in one)  # all-reduced gradients
     assert not all(torch.allclose(shard[k], both[k], rtol=0, atol=1e-5) for k in shard)
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="the accelerate CLI is not installed next to this Python")
+def test_fsdp_two_processes_train_like_one_process_and_resume_from_a_sharded_checkpoint(tmp_path):
+    teacher = save_tiny_model(tmp_path / "teacher", sharpen=30.0)
+    launch = [
+        str(ACCELERATE), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+
+    def fsdp_run(steps, *extra):
+        cfg = write_yaml(
+            tmp_path / f"fsdp{steps}.yaml", _greedy_on_policy(teacher, tmp_path / "fsdp", 2, steps)
+        )
+        port = ["--main_process_port", str(free_port())]
+        cmd = [*launch, *port, "-m", "rl_distill.cli", "train", str(cfg), *extra]
+        run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "sharded over 2 processes" in run.stdout
+        return final_weights(tmp_path / "fsdp")
+
+    sharded = fsdp_run(2)
+    one = _train_in_process(_greedy_on_policy(teacher, tmp_path / "one", 4, 2))
+    initial = Trainer(config_from_dict(_greedy_on_policy(teacher, tmp_path / "x", 4, 2))).student.state_dict()
+    assert max(float((one[k] - initial[k]).abs().max()) for k in one) > LR / 2  # real updates happened
+    assert sorted(sharded) == sorted(one)  # final/ holds the full, unsharded weights
+    assert all(torch.allclose(one[k], sharded[k], rtol=0, atol=1e-5) for k in one)
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+
+    # One more step from the step-2 checkpoint, loaded into the sharded student and optimizer.
+    resumed = fsdp_run(3, "--resume")
+    three = _train_in_process(_greedy_on_policy(teacher, tmp_path / "three", 4, 3))
+    assert all(torch.allclose(three[k], resumed[k], rtol=0, atol=1e-5) for k in three)
+    assert not all(torch.allclose(one[k], resumed[k], rtol=0, atol=1e-5) for k in one)
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "three"), abs=1e-5)
 
 
 def test_batches_are_shards_of_the_one_process_batch(tmp_path):

@@ -716,3 +716,105 @@ def test_one_dimensional_input(name):
     s = lq.clone().requires_grad_(True)
     divergence(name, lp, s, reduction="sum").backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused analytic gradient (teacher fixed): written during the forward chunk loop, backward only
+# scales it. It must equal the recomputing autograd path exactly and be the path actually taken.
+# ---------------------------------------------------------------------------------------------
+def _student_grad(name, t, s, mask, *, recompute, monkeypatch=None, retain=False, **kw):
+    import rl_distill.divergences as div
+
+    s = s.clone().requires_grad_(True)
+    if recompute:
+        monkeypatch.setattr(div, "_row_value_and_grad", lambda *a, **k: None)
+    out = _call(name, t, s, mask, **kw)
+    weights = torch.arange(1, out.numel() + 1, dtype=out.dtype).reshape(out.shape)  # distinct per row
+    loss = (out * weights).sum()
+    loss.backward(retain_graph=retain)
+    first = s.grad.clone()
+    if retain:  # a second backward of the same graph (the buffer was used up: recompute path)
+        s.grad = None
+        loss.backward()
+        torch.testing.assert_close(s.grad, first, atol=1e-5 * first.abs().max().item(), rtol=0)
+    if recompute:
+        monkeypatch.undo()
+    return out.detach(), first
+
+
+@pytest.mark.parametrize(("name", "kw"), GRAD_CASES)
+@pytest.mark.parametrize("reduction", ["batch", "token", "sequence"])
+def test_fused_gradient_equals_recomputed_gradient(name, kw, reduction, monkeypatch):
+    b, t_len, v = 3, 4, 7
+    t, s = _pair(b, t_len, v, seed=31)
+    t[..., 2] = float("-inf")  # a token the teacher never emits (reverse KL is then infinite)
+    s[..., 5] = float("-inf")  # a token the student never emits (e.g. a filtered column)
+    if name == "reverse_kl" or kw.get("beta") == 1.0:
+        t[..., 2] = -30.0  # reverse KL needs pT > 0 wherever pS > 0 to be finite
+    mask = _mask(b, t_len)
+    common = dict(temperature=0.7, reduction=reduction, chunk_size=2, **kw)
+    v_fused, g_fused = _student_grad(name, t, s, mask, recompute=False, retain=True, **common)
+    v_ref, g_ref = _student_grad(name, t, s, mask, recompute=True, monkeypatch=monkeypatch, **common)
+    _, g_64 = _student_grad(
+        name, t.double(), s.double(), mask, recompute=True, monkeypatch=monkeypatch, **common
+    )
+    torch.testing.assert_close(v_fused, v_ref, atol=0, rtol=0)
+    # Both float32 paths round differently; each must be as close to the float64 gradient as the
+    # other (a large log-ratio, log pT ~ -43 here, costs both a few ulps of the largest entry).
+    err_fused = (g_fused.double() - g_64).abs().max()
+    err_ref = (g_ref.double() - g_64).abs().max()
+    assert err_fused <= 2 * err_ref + 1e-7 * g_64.abs().max(), (err_fused, err_ref)
+    torch.testing.assert_close(g_fused.double(), g_64, atol=1e-5 * g_64.abs().max().item(), rtol=0)
+    assert torch.isfinite(g_fused).all() and g_fused.abs().sum() > 0
+    assert (g_fused[~mask] == 0).all()
+
+
+@pytest.mark.parametrize(("name", "kw"), GRAD_CASES)
+def test_fused_gradient_gradcheck_float64(name, kw):
+    t, s = _pair(2, 3, 5, seed=32, dtype=torch.float64)
+    s.requires_grad_(True)
+    mask = _mask(2, 3)
+
+    def f(student):
+        values = _call(name, t, student, mask, temperature=1.3, reduction="token", chunk_size=2, **kw)
+        return values * torch.arange(1, 4, dtype=torch.float64)  # distinct upstream gradient per row
+
+    # gradcheck re-runs backward on one graph: the second run takes the recomputing path, equal to
+    # rounding (nondet_tol), which the equality test above checks at float32.
+    assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-6, rtol=1e-4, nondet_tol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "kw"), GRAD_CASES)
+def test_fused_path_is_taken_only_when_the_teacher_is_fixed(name, kw, monkeypatch):
+    import rl_distill.divergences as div
+
+    calls = []
+    real = div._row_value_and_grad
+
+    def counting(*a, **k):
+        inner = real(*a, **k)
+
+        def wrapped(teacher, student):
+            calls.append(teacher.shape[0])
+            return inner(teacher, student)
+
+        return wrapped
+
+    monkeypatch.setattr(div, "_row_value_and_grad", counting)
+    t, s = _pair(2, 3, 5, seed=33)
+    s.requires_grad_(True)
+    _call(name, t, s, None, chunk_size=4, **kw).backward()
+    assert calls == [4, 2]  # 6 rows in chunks of 4: every row's gradient made in the forward loop
+    calls.clear()
+    t.requires_grad_(True)  # a teacher that needs a gradient: the recomputing path
+    _call(name, t, s, None, chunk_size=4, **kw).backward()
+    with torch.no_grad():  # no gradient needed at all: values only
+        _call(name, t.detach(), s.detach(), None, chunk_size=4, **kw)
+    assert calls == []
+
+
+def test_fused_gradient_keeps_the_student_dtype():
+    t, s = _pair(2, 3, 6, seed=34)
+    s = s.to(torch.bfloat16).requires_grad_(True)
+    generalized_jsd(t.to(torch.bfloat16), s, beta=0.5).backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()

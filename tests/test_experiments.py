@@ -54,63 +54,145 @@ def test_tiny_teachers_mixed_lengths_keep_per_length_splits(arithmetic_artifacts
     assert set(report["teacher"]["metrics"]) == {"accuracy", "accuracy_steps1", "accuracy_steps2"}
 
 
-def test_e1_smoke_and_resume(tmp_path, arithmetic_artifacts):
+def test_e1_smoke_resume_and_report_only(tmp_path, arithmetic_artifacts):
     e1 = load_example("e1_on_vs_off_policy")
     argv = (
         io_args(arithmetic_artifacts, tmp_path)
         + (
-            "--seeds 0 --methods sft seqkd gkd_l0.5_jsd0.9 --lengths 1 2 --length-methods supervised_kd gkd_l1_fkl "
-            "--train-steps 2 --batch-size 4 --workers 2"
+            f"--student {arithmetic_artifacts / 'student'} --seeds 0 --methods gkd_l0_jsd0.5 gkd_l1_jsd0.5 "
+            "--length 2 --num-distill 8 --num-val 4 --num-eval 6 --lrs 1e-3 --train-steps 1 --batch-size 2 "
+            "--eval-every 1"
         ).split()
     )
     data = e1.main(argv)
     runs = data["runs"]
-    # main grid at length 2 (3 methods) + length grid (2 methods x 2 lengths) = 7 runs
-    assert sorted((r["method"], r["length"]) for r in runs) == sorted(
-        [
-            ("sft", 2),
-            ("seqkd", 2),
-            ("gkd_l0.5_jsd0.9", 2),
-            ("supervised_kd", 1),
-            ("gkd_l1_fkl", 1),
-            ("supervised_kd", 2),
-            ("gkd_l1_fkl", 2),
-        ]  # fmt: skip
-    )
-    for length in (1, 2):
-        # same starting student, same held-out prompts and evaluation seed, in different processes
-        # (the JSDs are left out: they are taken at each method's own beta)
-        befores = [
-            {k: v for k, v in r["before"].items() if not k.endswith("jsd")}
-            for r in runs
-            if r["length"] == length
-        ]
-        assert len(befores[0]) >= 5 and all(b == befores[0] for b in befores)
-    for r in runs:
-        assert 0.0 <= r["after"]["eval/greedy/exact_match"] <= 1.0
-        assert r["after"]["eval/forward_kl"] >= 0.0
+    assert [(r["phase"], r["method"]) for r in runs] == [
+        ("sweep", "gkd_l0_jsd0.5"),
+        ("sweep", "gkd_l1_jsd0.5"),
+        ("grid", "gkd_l0_jsd0.5"),
+        ("grid", "gkd_l1_jsd0.5"),
+    ]
+    assert data["chosen_lr"] == {"0": 1e-3, "1": 1e-3}
+    assert data["splits"]["sizes"] == {"sft": 96, "eval": 6, "val": 4, "distill": 8}
+    assert not any(data["splits"]["overlap"].values())
+    for r in runs:  # the validation curve: before, every step, after
+        assert [c["step"] for c in r["curve"]] == [0, 1]
+    for r in runs[2:]:  # grid runs are scored on the eval split, problem by problem
+        assert all(len(r["extra"][d]["correct"]) == 6 for d in ("greedy", "sampled"))
+    eb = data["exposure_bias"]
+    assert eb["problems"] == 6 and eb["totals"]["teacher_forced"]["tokens"] > 0
     for name in (
         "e1_on_vs_off_policy.md",
-        "e1_on_vs_off_policy.json",
+        "e1_on_vs_off_policy_exposure.png",
         "e1_on_vs_off_policy_methods.png",
-        "e1_on_vs_off_policy_length.png",
     ):
         assert (tmp_path / "res" / name).stat().st_size > 0
     md = (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text()
-    assert "| gkd_l0.5_jsd0.9 |" in md and "Command:" in md
+    assert "| gkd_l1_jsd0.5 |" in md and "| jsd0.5 |" in md and "**Verdict.**" in md
     lines = (tmp_path / "runs" / "runs.jsonl").read_text().splitlines()
-    again = e1.main(argv)  # everything is in runs.jsonl: nothing reruns
+    again = e1.main(argv)  # everything is in runs.jsonl and start.json: nothing reruns
     assert (tmp_path / "runs" / "runs.jsonl").read_text().splitlines() == lines
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in runs]
+    e1.main(["--report-only", "--results", str(tmp_path / "res")])
+    assert (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text().split("- Raw data")[1] == md.split(
+        "- Raw data"
+    )[1]
 
 
 def test_e1_method_grid_matches_the_issue():
     e1 = load_example("e1_on_vs_off_policy")
     grid = e1.methods()
-    assert len(grid) == 3 + 2 * 5
-    assert grid["supervised_kd"] == {"lmbda": 0.0, "off_policy": "reference", "divergence": "forward_kl"}
-    assert grid["gkd_l0.5_jsd0.1"] == {"lmbda": 0.5, "divergence": "jsd", "beta": 0.1}
+    assert e1.DEFAULT_METHODS == [
+        "seqkd",
+        "gkd_l0_fkl",
+        "gkd_l0_rkl",
+        "gkd_l0_jsd0.5",
+        "gkd_l1_fkl",
+        "gkd_l1_rkl",
+        "gkd_l1_jsd0.5",
+    ]
+    assert grid["gkd_l0_fkl"] == {"lmbda": 0.0, "off_policy": "reference", "divergence": "forward_kl"}
+    assert grid["gkd_l1_jsd0.5"] == {"lmbda": 1.0, "divergence": "jsd", "beta": 0.5}
+    assert grid["gkd_l0.5_rkl"]["lmbda"] == 0.5 and grid["seqkd"]["off_policy"] == "teacher"
     assert e1.max_new_tokens(2, 2) >= len("99+99=198. 198+99=297. #### 297") + 1
+    assert (
+        e1.lr_for("seqkd", {"0": 1.0, "1": 2.0}) == 1.0
+        and e1.lr_for("gkd_l1_fkl", {"0": 1.0, "1": 2.0}) == 2.0
+    )
+
+
+def test_e1_splits_are_disjoint_and_fresh():
+    e1 = load_example("e1_on_vs_off_policy")
+    sft = {
+        "task": "arithmetic",
+        "seed": 0,
+        "num_train": 40,
+        "num_eval": 4,
+        "digits": 2,
+        "steps": [1, 2],
+        "compact": True,
+    }
+    spec = {"sft": sft, "length": 2, "split_seed": 7, "num_distill": 30, "num_val": 10, "num_eval": 20}
+    splits = e1.make_splits(spec)
+    facts = e1.split_facts(splits)
+    assert facts["sizes"] == {"sft": 80, "eval": 20, "val": 10, "distill": 30}
+    assert set(facts["overlap"].values()) == {0}
+    tt = load_example("tiny_teachers")
+    held_out = tt.task_data("arithmetic", 0, 40, 4, digits=2, steps=[1, 2], compact=True).eval
+    assert not {e.prompt for e in held_out} & {
+        e.prompt for k in ("distill", "val", "eval") for e in splits[k]
+    }
+    assert {tt.steps_of(e) for e in splits["eval"]} == {2}
+    assert [e.prompt for e in e1.make_splits(spec)["eval"]] == [
+        e.prompt for e in splits["eval"]
+    ]  # deterministic
+
+
+def test_e1_statistics_by_hand():
+    e1 = load_example("e1_on_vs_off_policy")
+    assert e1.step_accuracy("12+7=19. 19-5=13. #### 13") == (1, 2)
+    assert e1.step_accuracy("#### 5") == (0, 0)
+    # two seeds x four problems: per-problem means 1, .5, .5, 0 -> mean .5, sd sqrt(1/6); seeds .75 and .25
+    s = e1.accuracy_summary([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert s["mean"] == 0.5 and s["seed_std"] == pytest.approx(0.5 / 2**0.5)
+    assert s["ci_problems"] == pytest.approx(e1.Z975 * (1 / 6) ** 0.5 / 2)
+    assert s["ci_seeds"] == pytest.approx(12.706 * (0.5 / 2**0.5) / 2**0.5)
+    same = e1.paired_gain([[1, 0, 1], [0, 0, 1]], [[1, 0, 1], [0, 0, 1]], reps=50)
+    assert (same["mean"], same["ci_low"], same["ci_high"], same["seed_std"]) == (0.0, 0.0, 0.0, 0.0)
+    shift = e1.paired_gain([[1, 1, 1, 1]] * 3, [[0, 0, 0, 0]] * 3, reps=50)
+    assert (shift["mean"], shift["ci_low"], shift["ci_high"]) == (1.0, 1.0, 1.0)
+    g = e1.paired_gain([[1, 0, 1, 1], [1, 1, 0, 1]], [[0, 0, 1, 1], [1, 0, 0, 0]], reps=400)
+    assert g["per_seed"] == [0.25, 0.5] and g["mean"] == 0.375 and g["ci_low"] <= 0.375 <= g["ci_high"]
+
+
+def test_e1_exposure_bias_of_a_student_equal_to_its_teacher_and_of_another(arithmetic_artifacts):
+    e1 = load_example("e1_on_vs_off_policy")
+    examples = e1.make_splits(
+        {
+            "sft": e1.sft_spec(json.loads((arithmetic_artifacts / "report.json").read_text())),
+            "length": 2,
+            "split_seed": 3,
+            "num_distill": 1,
+            "num_val": 1,
+            "num_eval": 5,
+        }
+    )["eval"]
+    teacher, student, tok = load_example("_experiment").load_pair(
+        str(arithmetic_artifacts / "teacher"), str(arithmetic_artifacts / "student")
+    )
+    self_eb = e1.exposure_bias(teacher, teacher, tok, examples, 12)
+    assert self_eb["same_completion"] == 5 and self_eb["left_teacher_path"] == 0
+    assert (
+        self_eb["totals"]["teacher_forced"]["agree"] == 1.0
+        and self_eb["totals"]["own_off_path"]["tokens"] == 0
+    )
+    eb = e1.exposure_bias(teacher, student.eval(), tok, examples, 12)
+    pos = eb["positions"]
+    # position 0 is the same state (the prompt) in both passes: same agreement, every prefix on the path
+    assert pos["own_on_path"]["count"][0] == pos["teacher_forced"]["count"][0] == 5
+    assert pos["own"]["agree"][0] == pos["teacher_forced"]["agree"][0]
+    for n in range(12):
+        assert pos["own_on_path"]["count"][n] + pos["own_off_path"]["count"][n] == pos["own"]["count"][n]
 
 
 def test_e2_smoke(tmp_path, factual_artifacts):

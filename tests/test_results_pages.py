@@ -103,32 +103,67 @@ def by_method(runs, key="method"):
 
 # --- values computed from the JSON --------------------------------------------------------------
 def e1_facts(name: str = "e1_on_vs_off_policy.json") -> dict:
+    """E1's numbers recomputed from its JSON: per-method accuracy, paired on-policy gains, exposure bias."""
     data = raw(name)
-    length = int(data["settings"]["main_length"])
-    main = [r for r in data["runs"] if r["length"] == length]
-    before = main[0]["before"]
-    groups = by_method(main)
-    acc = {m: stats(r["after"]["eval/greedy/exact_match"] for r in rs) for m, rs in groups.items()}
-    rkl = {m: stats(r["after"]["eval/reverse_kl"] for r in rs)[0] for m, rs in groups.items()}
-    start = before["eval/greedy/exact_match"]
-    outside = {m: (mu - start) / sd for m, (mu, sd) in acc.items() if abs(mu - start) > sd}
-    off = [rkl[m] for m in ("sft", "supervised_kd", "seqkd") if m in rkl]
-    seeking = [v for m, v in rkl.items() if m.startswith("gkd_") and m.rsplit("_", 1)[1] in MODE_SEEKING]
+    grid = [r for r in data["runs"] if r["phase"] == "grid"]
+    sweep = [r for r in data["runs"] if r["phase"] == "sweep"]
+    groups = by_method(grid)
+
+    def matrix(runs, decoding):
+        return [
+            [int(c) for c in r["extra"][decoding]["correct"]] for r in sorted(runs, key=lambda r: r["seed"])
+        ]
+
+    def summary(rows):
+        n = len(rows[0])
+        per_problem = [statistics.fmean(row[i] for row in rows) for i in range(n)]
+        per_seed = [statistics.fmean(row) for row in rows]
+        half = 1.959964 * statistics.stdev(per_problem) / n**0.5
+        return statistics.fmean(per_problem), half, statistics.stdev(per_seed) if len(rows) > 1 else 0.0
+
+    acc = {(m, d): summary(matrix(rs, d)) for m, rs in groups.items() for d in ("greedy", "sampled")}
+    single = {
+        who: {d: summary([[int(c) for c in data[who][d]["correct"]]]) for d in ("greedy", "sampled")}
+        for who in ("start", "teacher")
+    }
+    gain = {}
+    for div in ("fkl", "rkl", "jsd0.5"):
+        on, off = (
+            by_method(groups.get(f"gkd_l1_{div}", []), "seed"),
+            by_method(groups.get(f"gkd_l0_{div}", []), "seed"),
+        )
+        seeds = sorted(set(on) & set(off))
+        for d in ("greedy", "sampled"):
+            per_seed = [
+                statistics.fmean(a - b for a, b in zip(matrix(on[s], d)[0], matrix(off[s], d)[0]))
+                for s in seeds
+            ]
+            gain[(div, d)] = (statistics.fmean(per_seed), per_seed)
+    totals = {
+        k: (sum(v["agree"]) / sum(v["count"]) if sum(v["count"]) else 0.0, sum(v["count"]))
+        for k, v in data["exposure_bias"]["positions"].items()
+    }
+    chosen = {}
+    for lmbda in (0.0, 1.0):
+        runs = [r for r in sweep if r["lmbda"] == lmbda]
+        best = max(r["after"]["eval/greedy/exact_match"] for r in runs)
+        chosen[f"{lmbda:g}"] = min(r["lr"] for r in runs if r["after"]["eval/greedy/exact_match"] == best)
     return {
         "data": data,
-        "main": main,
+        "grid": grid,
+        "sweep": sweep,
         "groups": groups,
-        "before": before,
         "acc": acc,
-        "rkl": rkl,
-        "outside": outside,
-        "within": len(acc) - len(outside),
-        "n": len(acc),
-        "off": off,
-        "seeking": seeking,
-        "fkl_arms": [rkl[m] for m in ("gkd_l0.5_fkl", "gkd_l1_fkl") if m in rkl],
+        "single": single,
+        "gain": gain,
+        "totals": totals,
+        "chosen": chosen,
         "minutes": sum(r["wall_seconds"] for r in data["runs"]) / 60,
     }
+
+
+def ci_cell(mean: float, half: float, sd: float) -> str:
+    return f"{mean:.3f} [{max(0.0, mean - half):.3f}, {min(1.0, mean + half):.3f}] (± {sd:.3f})"
 
 
 def throughput(data: dict, peer: str = "trl_gkd") -> float:
@@ -171,7 +206,6 @@ def perf_facts() -> dict:
 # --- every experiment page is what its script makes of its JSON ---------------------------------
 PAGES = [
     ("e1_on_vs_off_policy", "e1_on_vs_off_policy", []),
-    ("e1_on_vs_off_policy", "e1_long_budget", ["--name", "e1_long_budget"]),
     ("e2_factuality", "e2_factuality", []),
     ("e2_factuality", "e2_factuality_lr1e-4", ["--name", "e2_factuality_lr1e-4"]),
     ("e3_estimators", "e3_estimators", []),
@@ -218,42 +252,68 @@ def test_write_report_says_when_nothing_trained(tmp_path):
 
 
 # --- E1 -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["e1_on_vs_off_policy", "e1_long_budget"])
-def test_e1_tables_match_the_runs(name):
-    f = e1_facts(f"{name}.json")
-    rows = table_rows(doc(f"{name}.md"), "| method | accuracy |")
-    b = f["before"]
-    assert rows["student before (SFT start)"][:3] == [
-        f"{b['eval/greedy/exact_match']:.3f}",
-        f"{b['eval/forward_kl']:.3f}",
-        f"{b['eval/reverse_kl']:.3f}",
-    ]
+def test_e1_tables_match_the_runs():
+    f = e1_facts()
+    md = doc("e1_on_vs_off_policy.md")
+    rows = table_rows(md, "| method | lr | greedy accuracy |")
+    for who in ("start", "teacher"):
+        cells = rows["student start" if who == "start" else "teacher"]
+        assert cells[1:3] == [ci_cell(*f["single"][who]["greedy"]), ci_cell(*f["single"][who]["sampled"])]
     for method, runs in f["groups"].items():
         cells = rows[method]
-        for cell, key in zip(cells, ("eval/greedy/exact_match", "eval/forward_kl", "eval/reverse_kl")):
-            assert cell == pm(*stats(r["after"][key] for r in runs)), (method, key)
-        assert cells[3] == str(len(runs))
-    gains = table_rows(doc(f"{name}.md"), "| operations |")
-    for n, entry in f["data"]["length"].items():
-        assert gains[n][3] == pm(*stats(entry["gains"]))
+        assert cells[0] == f"{runs[0]['lr']:g}" and all(r["lr"] == runs[0]["lr"] for r in runs)
+        assert cells[1] == ci_cell(*f["acc"][(method, "greedy")]), method
+        assert cells[2] == ci_cell(*f["acc"][(method, "sampled")]), method
+        steps = statistics.fmean(
+            r["extra"]["greedy"]["step_correct"] / r["extra"]["greedy"]["step_written"] for r in runs
+        )
+        assert cells[3] == f"{steps:.3f}" and cells[5] == str(len(runs))
+    assert len(f["groups"]) == 7 and {len(rs) for rs in f["groups"].values()} == {5}
+    assert len(f["data"]["start"]["greedy"]["correct"]) >= 1000
+    # the learning rates: chosen on the validation split, used by the grid
+    assert f["data"]["chosen_lr"] == f["chosen"]
+    sweep = table_rows(md, "| lambda | lr |")
+    for r in f["sweep"]:
+        assert sweep[f"{r['lmbda']:g}"] is not None
+    marked = [line for line in md.splitlines() if line.startswith("| ") and line.endswith("| **yes** |")]
+    assert sorted(line.split(" | ")[1] for line in marked) == sorted(f"{v:g}" for v in f["chosen"].values())
+    for method, runs in f["groups"].items():
+        lmbda = "1" if method.startswith("gkd_l1") else "0"
+        assert runs[0]["lr"] == f["chosen"][lmbda], method
+    # exposure bias: the totals are the per-position sums
+    eb = table_rows(md, "| prefixes | tokens |")
+    labels = {
+        "teacher_forced": "teacher's prefixes (teacher-forced)",
+        "own": "student's own prefixes, all",
+        "own_on_path": "own prefixes still on the teacher's path",
+        "own_off_path": "own prefixes off the teacher's path",
+    }
+    for kind, label in labels.items():
+        agree, tokens = f["totals"][kind]
+        assert eb[label][:2] == [str(tokens), f"{agree:.3f}"], kind
 
 
 def test_e1_findings_state_what_the_json_says():
     f = e1_facts()
     md = doc("e1_on_vs_off_policy.md")
-    within, n = grab(r"(\d+) of (\d+) end within one std over seeds", md)
-    assert (int(within), int(n)) == (f["within"], f["n"]) == (12, 13)
-    method, z = grab(r"outside it: `([^`]+)` \([^)]*, ([\d.]+) std below", md)
-    assert method in f["outside"] and z == f"{abs(f['outside'][method]):.1f}"
-    assert f"off-policy methods {span(f['off'])};" in md
-    assert f"at lambda 0.5 and 1: {span(f['seeking'])})" in md
-    # the quoted reverse-KL range covers every mode-seeking arm, JSD(0.5) at lambda 1 included
-    assert (
-        max(f["seeking"]) == pytest.approx(f["rkl"]["gkd_l1_jsd0.5"])
-        and f"{max(f['seeking']):.3f}" == "0.176"
-    )
-    assert min(f["fkl_arms"]) > max(f["off"])  # on-policy forward KL ends above every off-policy method
-    assert "`gkd_l0.5_fkl`, `gkd_l1_fkl` end above every off-policy method" in md
+    gains = table_rows(md, "| divergence | greedy gain")
+    words = {}
+    for (div, d), (mean, per_seed) in f["gain"].items():
+        cells = gains[div]
+        col = 0 if d == "greedy" else 2
+        lo, hi = (float(v) for v in grab(r"\[([-+\d.]+), ([-+\d.]+)\]", cells[col]))
+        assert cells[col].startswith(f"{mean:+.3f} [") and lo <= mean + 5e-4 and mean - 5e-4 <= hi
+        sd = statistics.stdev(per_seed)
+        assert cells[col + 1] == f"{mean:+.3f} ± {2.776 * sd / 5**0.5:.3f}"  # t(0.975, 4 df), 5 seeds
+        words[(div, d)] = "higher" if lo > 0 else "lower" if hi < 0 else "no detectable difference"
+        assert f"{div} {cells[col]} ({words[(div, d)]})" in md
+    higher = sum(w == "higher" for w in words.values())
+    lower = sum(w == "lower" for w in words.values())
+    assert f"on-policy data is detectably better in {higher}" in md
+    assert f"detectably worse in {lower}" in md
+    t = f["totals"]
+    assert f"disagrees with the teacher's next token on {1 - t['teacher_forced'][0]:.3f}" in md
+    assert f"and on {1 - t['own'][0]:.3f} of its own ({1 - t['own_on_path'][0]:.3f} while" in md
 
 
 # --- E2, E3, E4 ---------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ class TokenizerMismatchError(ValueError):
     """Teacher and student do not share a tokenizer, so their token ids mean different things."""
 
 
+#: How to distil across tokenizers anyway; every tokenizer-mismatch message ends with it.
+CROSS_TOKENIZER_HINT = (
+    "to distil across tokenizers, set model.cross_tokenizer: uld with agent.name: uld (rl_distill.cross_tokenizer)"
+)
+
+
 class CorruptWeightsError(ValueError):
     """A weights file is truncated or not a valid checkpoint file (an interrupted download or copy)."""
 
@@ -225,7 +231,10 @@ def check_tokenizers_match(
     if teacher_tokenizer is student_tokenizer:
         return
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    where = f"teacher tokenizer {_describe(teacher_tokenizer)} vs student tokenizer {_describe(student_tokenizer)}"
+    where = (
+        f"teacher tokenizer {_describe(teacher_tokenizer)} vs student tokenizer {_describe(student_tokenizer)}"
+        f" ({CROSS_TOKENIZER_HINT})"
+    )
     if len(t_vocab) != len(s_vocab):
         raise TokenizerMismatchError(
             f"teacher and student must share a tokenizer, but the vocabulary sizes differ: {where}"

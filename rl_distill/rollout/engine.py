@@ -31,13 +31,24 @@ and row ``i`` scored exactly as ``teacher prompt i + completion i`` alone would 
 
 No teacher (``teacher=None``; verifier-only RL, SPIN): the engine samples and builds sequences, and
 :meth:`RolloutEngine.score` refuses with :class:`NoTeacherError`.
+
+Lock-step decoding (sharded models, docs/scaling.md): a model sharded with FSDP gathers its
+parameters with a collective at every forward, so every process must run the same number of
+forwards. With :attr:`RolloutEngine.lockstep` set (a callable that all-reduces "all my sequences
+are finished" and returns whether every process is), :meth:`RolloutEngine.generate` keeps decoding
+until every process is done: a process whose sequences have all finished feeds padding (masked
+out, not attended to) without drawing from its generator, and the padding columns are cut off
+before returning. So each process's rollout, and its generator's state, are exactly what they are
+without lock-step; only the number of forwards changes. Unset (one process, DDP), the loop stops
+as soon as this process's sequences have finished. The teacher's scoring forward is already one
+call per :meth:`RolloutEngine.score` whatever the shapes, which is all FSDP needs of it.
 """
 
 from __future__ import annotations
 
 import string
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -366,6 +377,11 @@ class RolloutEngine:
             _context_length(student) or 1 << 30,
             (_context_length(teacher) if teacher is not None else None) or 1 << 30,
         )
+        #: Lock-step decoding across processes (sharded models): ``lockstep(done)`` takes whether all
+        #: of this process's sequences have finished and returns whether every process's have (one
+        #: small all-reduce; :meth:`rl_distill.distributed.Distributed.all_finished`). None: stop
+        #: when this process's sequences have finished (one process, DDP).
+        self.lockstep: Callable[[bool], bool] | None = None
 
     @property
     def has_teacher(self) -> bool:
@@ -477,6 +493,7 @@ class RolloutEngine:
         positions = position_ids_from_mask(mask)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         tokens, logps, alive = [], [], []
+        mine_done = False  # every sequence of this process has finished (lock-step: others may not have)
 
         out = model(
             input_ids=batch.input_ids,
@@ -487,23 +504,31 @@ class RolloutEngine:
         )
         next_pos = positions[:, -1:] + 1  # (B, 1)
         for step in range(sampling.max_new_tokens):
-            logits = out.logits[:, -1, :vocab].float()  # (B, V)
-            temp = sampling.temperature if sampling.temperature > 0 else 1.0
-            if sampling.temperature == 0:
-                logp_all = torch.log_softmax(logits / temp, dim=-1)
-                tok = logits.argmax(-1)
+            if mine_done:  # lock-step padding: nothing sampled, the generator does not move
+                tok = torch.full((bsz,), self.pad_id, dtype=torch.long, device=device)
+                logp_tok = torch.zeros(bsz, dtype=torch.float32, device=device)
             else:
-                filtered = filter_logits(logits / temp, sampling.top_k, sampling.top_p)  # (B, V)
-                # The log-prob of the distribution actually sampled (filtered, renormalised): the
-                # policy whose gradient the agents take (see filtered_logprobs).
-                logp_all = torch.log_softmax(filtered, dim=-1)
-                tok = sample_categorical(filtered.softmax(-1), generator)
-            tok = tok.masked_fill(finished, self.pad_id)
+                logits = out.logits[:, -1, :vocab].float()  # (B, V)
+                temp = sampling.temperature if sampling.temperature > 0 else 1.0
+                if sampling.temperature == 0:
+                    logp_all = torch.log_softmax(logits / temp, dim=-1)
+                    tok = logits.argmax(-1)
+                else:
+                    filtered = filter_logits(logits / temp, sampling.top_k, sampling.top_p)  # (B, V)
+                    # The log-prob of the distribution actually sampled (filtered, renormalised): the
+                    # policy whose gradient the agents take (see filtered_logprobs).
+                    logp_all = torch.log_softmax(filtered, dim=-1)
+                    tok = sample_categorical(filtered.softmax(-1), generator)
+                tok = tok.masked_fill(finished, self.pad_id)
+                logp_tok = logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0)
             tokens.append(tok)
-            logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1).masked_fill(finished, 0.0))
+            logps.append(logp_tok)
             alive.append(~finished)
             finished = finished | torch.isin(tok, stop_ids)
-            if bool(finished.all()) or step == sampling.max_new_tokens - 1:
+            mine_done = bool(finished.all())
+            # Lock-step: one all-reduce per step; every process stops at the same step.
+            all_done = mine_done if self.lockstep is None else self.lockstep(mine_done)
+            if all_done or step == sampling.max_new_tokens - 1:
                 break
             # The new token is attended to only if it is a real token (finished rows feed padding).
             mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
@@ -517,13 +542,18 @@ class RolloutEngine:
             next_pos = next_pos + 1
         if was_training:
             model.train()
-        completion_mask = torch.stack(alive, dim=1)  # (B, T)
+        # Lock-step padding steps come after this process's last real token: cut them off, so the
+        # rollout is the one this process would have sampled alone.
+        width = (
+            len(alive) if self.lockstep is None else 1 + max(t for t, a in enumerate(alive) if bool(a.any()))
+        )
+        completion_mask = torch.stack(alive[:width], dim=1)  # (B, T)
         return Rollout(
             prompt_ids=batch.input_ids,
             prompt_mask=batch.attention_mask,
-            completion_ids=torch.stack(tokens, dim=1),
+            completion_ids=torch.stack(tokens[:width], dim=1),
             completion_mask=completion_mask,
-            logprobs=torch.stack(logps, dim=1),
+            logprobs=torch.stack(logps[:width], dim=1),
             texts=batch.texts,
             timings={"generate": time.perf_counter() - start},
         )

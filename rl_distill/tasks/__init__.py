@@ -3,6 +3,7 @@
 from rl_distill.tasks import (  # noqa: F401  (registers the tasks)
     arithmetic,
     factual_summary,
+    few_shot_arithmetic,
     hf_dataset,
     instructions,
     jsonl,
