@@ -14,7 +14,7 @@ for a batch of prompts ``x``:
    characters (:func:`~rl_distill.cross_tokenizer.align_spans`; the two EOS tokens pair up); each
    group's vector is its first position's distribution times the probability of its remaining tokens
    (:func:`~rl_distill.cross_tokenizer.group_logprobs`).
-4. **Loss** (Boizard et al. Eq. 3, ``L = L_CE + lambda_ULD * L_ULD``, per sequence)::
+4. **Loss** (Boizard et al.'s ``L = L_CE + lambda * L_ULD``, per sequence)::
 
        loss = 1/B * sum_i [ uld_weight * ULD_i  +  ce_weight * CE_i * [i is off-policy] ]
 
@@ -25,9 +25,19 @@ for a batch of prompts ``x``:
    right; on the student's own samples cross-entropy would only reinforce them, so on-policy rows get
    none). Each row counts once; a row without any aligned group contributes only its CE.
 
+   *Span-reward policy gradient* (``pg_weight > 0``, on-policy rows; this toolkit's extension, not part
+   of ULD): ULD cannot tell the student *which* token is right, and on its own samples nothing else
+   does. The identity-aware on-policy signal across tokenizers is the sequence-level reverse KL
+   ``KL(pS || pT)`` over texts, whose gradient REINFORCE estimates with the per-token reward
+   ``-log pS(y_t)`` plus the teacher's log-prob of each aligned span at the span's last student token
+   (paper 2306.13649 Eq. 5's environment reward ``log pT(a_t | s_t)`` with spans in place of shared
+   tokens; MiniLLM's sequence-level reverse KL, Gu et al. 2024): return-to-go, a leave-one-out baseline
+   per position, ``pg_weight * (-1/L sum_t (G_t - b_t) log pS(y_t))`` added to the row's loss.
+
 Special cases: SeqKD across tokenizers (``lmbda=0, off_policy=teacher, uld_weight=0``: text-only,
 any tokenizer pair), the ULD paper's setting (``lmbda=0, off_policy=teacher``: teacher-generated
-text, CE + ULD), on-policy ULD (``lmbda=1``: ULD on the student's own samples only).
+text, CE + ULD), on-policy ULD (``lmbda=1``: ULD on the student's own samples only), and the span-reward
+policy gradient alone (``lmbda=1, uld_weight=0, pg_weight=1``).
 
 Not supported here (refused at load time): an external reward (``alpha < 1``, ``beta_ext``),
 privileged teacher prompts, gradient accumulation.
@@ -43,15 +53,19 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from rl_distill.agents.base import Agent, AgentConfig
+from rl_distill.agents.base import Agent, AgentConfig, group_baseline
 from rl_distill.cross_tokenizer import (
     CrossTokenizerTeacher,
+    RowAlignment,
+    TeacherView,
     align_rollout,
     sequence_logprob_gap,
+    span_teacher_rewards,
     student_rollout_from_texts,
     uld_terms,
 )
 from rl_distill.rollout import Rollout
+from rl_distill.rollout.engine import filtered_logprobs
 from rl_distill.tasks import Example
 
 #: The documented configurations as ``ULDConfig`` overrides.
@@ -59,6 +73,7 @@ SPECIAL_CASES: dict[str, dict[str, Any]] = {
     "seqkd": {"lmbda": 0.0, "off_policy": "teacher", "uld_weight": 0.0, "ce_weight": 1.0},
     "uld_off_policy": {"lmbda": 0.0, "off_policy": "teacher", "uld_weight": 1.0, "ce_weight": 1.0},
     "uld_on_policy": {"lmbda": 1.0, "uld_weight": 1.0},
+    "span_pg": {"lmbda": 1.0, "uld_weight": 0.0, "pg_weight": 1.0},
 }
 
 
@@ -78,6 +93,9 @@ class ULDConfig(AgentConfig):
     """Weight of the ULD term (Boizard et al.'s lambda), >= 0; 0 with ce_weight > 0 is SeqKD."""
     ce_weight: float = 1.0
     """Weight of the cross-entropy on off-policy completions, >= 0 (on-policy rows never get it)."""
+    pg_weight: float = 0.0
+    """Weight of the span-reward policy gradient on on-policy rows, >= 0 (an identity-aware on-policy term that
+    ULD lacks: REINFORCE on ``log pT(span) - log pS``, the sequence-level reverse KL); 0: off."""
 
     scheduled_fields: ClassVar[dict[str, tuple[float, float]]] = AgentConfig.scheduled_fields
 
@@ -87,14 +105,17 @@ class ULDConfig(AgentConfig):
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
         if self.off_policy not in ("teacher", "reference"):
             raise ValueError(f"off_policy must be 'teacher' or 'reference', got {self.off_policy!r}")
-        for name in ("uld_weight", "ce_weight"):
+        for name in ("uld_weight", "ce_weight", "pg_weight"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if self.uld_weight == 0 and (self.ce_weight == 0 or self.lmbda == 1.0):
+        off_term = self.ce_weight > 0 and self.lmbda < 1.0
+        on_term = self.pg_weight > 0 and self.lmbda > 0.0
+        if self.uld_weight == 0 and not (off_term or on_term):
             raise ValueError(
-                "uld_weight 0 leaves only the cross-entropy on off-policy rows: it needs ce_weight > 0 and "
-                f"lmbda < 1, got ce_weight={self.ce_weight}, lmbda={self.lmbda}"
+                "uld_weight 0 leaves no loss: it needs ce_weight > 0 with lmbda < 1 (off-policy rows) or "
+                f"pg_weight > 0 with lmbda > 0 (on-policy rows), got ce_weight={self.ce_weight}, "
+                f"pg_weight={self.pg_weight}, lmbda={self.lmbda}"
             )
         if self.uses_reward:
             raise ValueError(
@@ -171,26 +192,62 @@ class ULDAgent(Agent):
         return out
 
     # --- loss -----------------------------------------------------------------------------
-    def row_losses(self, rollout: Rollout, on_policy: bool) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Per-row loss terms of one rollout: ``(uld (B,), ce (B,), stats)`` (ce is 0 on on-policy rows)."""
+    def span_policy_gradient(
+        self, rollout: Rollout, logits: Tensor, view: TeacherView, alignments: Sequence[RowAlignment]
+    ) -> Tensor:
+        """Per-row REINFORCE loss for the sequence-level reverse KL with span rewards: ``(B,)``.
+
+        Per-token reward ``r_t = -log pS(y_t) + [t ends an aligned span] log pT(span)``
+        (:func:`~rl_distill.cross_tokenizer.span_teacher_rewards`; its sum over a row is
+        ``log pT(text) - log pS(y)``), return-to-go ``G_t``, leave-one-out baseline per position over the
+        batch, loss ``-1/L sum_t (G_t - b_t) log pS(y_t)`` (``log pS`` of the sampling policy).
+        """
+        cfg = self.config
+        mask = rollout.completion_mask
+        logp = filtered_logprobs(
+            logits, rollout.completion_ids, cfg.temperature, cfg.top_k, cfg.top_p
+        )  # (B, T)
+        assert view.rollout.teacher_logprobs is not None
+        shape = (mask.shape[0], mask.shape[1])
+        teacher = span_teacher_rewards(view.rollout.teacher_logprobs, alignments, shape)  # (B, T)
+        rewards = (teacher.to(logp.device) - logp.detach()) * mask  # (B, T)
+        returns = rewards.flip(-1).cumsum(-1).flip(-1) * mask  # (B, T) reward-to-go
+        advantages = returns - group_baseline(returns, mask, "leave_one_out")  # (B, T)
+        return -(advantages * logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    def row_losses(
+        self, rollout: Rollout, on_policy: bool
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+        """Per-row loss terms of one rollout: ``(uld, ce, pg, stats)``, each ``(B,)``.
+
+        ``ce`` is 0 on on-policy rows, ``pg`` 0 on off-policy rows.
+        """
         cfg = self.config
         logits = self.engine.score_student(rollout)  # (B, T, Vs), with gradient
         mask = rollout.completion_mask
         uld = logits.new_zeros(len(rollout))
+        pg = logits.new_zeros(len(rollout))
         stats: dict[str, float] = {}
-        if cfg.uld_weight > 0:
-            view = self.cross_teacher.read(rollout, self.engine, teacher_temperature=cfg.teacher_temp)
+        use_pg = on_policy and cfg.pg_weight > 0
+        if cfg.uld_weight > 0 or use_pg:
+            view = self.cross_teacher.read(
+                rollout, self.engine, teacher_temperature=cfg.teacher_temp, full_logits=cfg.uld_weight > 0
+            )
             alignments = align_rollout(
                 rollout, self.engine.tokenizer, view.rollout, self.cross_teacher.tokenizer
             )
-            uld, _ = uld_terms(
-                logits,
-                rollout,
-                view,
-                alignments,
-                temperature=cfg.temperature,
-                teacher_temperature=cfg.teacher_temp,
-            )
+            if cfg.uld_weight > 0:
+                uld, _ = uld_terms(
+                    logits,
+                    rollout,
+                    view,
+                    alignments,
+                    temperature=cfg.temperature,
+                    teacher_temperature=cfg.teacher_temp,
+                )
+            if use_pg:
+                pg = self.span_policy_gradient(rollout, logits, view, alignments)
+                stats["train/pg_loss"] = float(pg.detach().mean())
             tokens = sum(a.student_tokens for a in alignments)
             stats["rollout/aligned_fraction"] = sum(a.student_aligned for a in alignments) / max(1, tokens)
             stats["rollout/groups_per_sequence"] = sum(a.num_groups for a in alignments) / len(alignments)
@@ -204,7 +261,7 @@ class ULDAgent(Agent):
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, Vs)
             nll = -logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)  # (B, T)
             ce = (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
-        return uld, ce, stats
+        return uld, ce, pg, stats
 
     def update(self, batch: Sequence[Example]) -> dict[str, float]:
         """One step: collect sequences, read them with the teacher, minimise ULD (+ CE off-policy)."""
@@ -216,11 +273,11 @@ class ULDAgent(Agent):
         total, uld_all, ce_all, stats = None, [], [], {}
         teacher_time = 0.0
         for rollout, on_policy in parts:
-            uld, ce, s = self.row_losses(rollout, on_policy)
+            uld, ce, pg, s = self.row_losses(rollout, on_policy)
             teacher_time += s.pop("time/teacher", 0.0)
             for k, v in s.items():  # row-weighted mean over the parts
                 stats[k] = stats.get(k, 0.0) + v * len(rollout)
-            part = (cfg.uld_weight * uld + cfg.ce_weight * ce).sum()
+            part = (cfg.uld_weight * uld + cfg.ce_weight * ce + cfg.pg_weight * pg).sum()
             total = part if total is None else total + part
             uld_all.append(uld.detach())
             if not on_policy:
@@ -231,7 +288,7 @@ class ULDAgent(Agent):
         t2 = time.perf_counter()
         on_rows = sum(len(r) for r, on in parts if on)
         for k in list(stats):
-            rows = on_rows if k == "rollout/reverse_kl_seq" else len(batch)
+            rows = on_rows if k in ("rollout/reverse_kl_seq", "train/pg_loss") else len(batch)
             stats[k] /= max(1, rows)
         out.update(stats)
         out.update(

@@ -3,13 +3,19 @@
 Methods (:data:`METHODS`):
 
 - ``ours``: :class:`rl_distill.agents.GKDAgent`, on-policy (lambda = 1), JSD(beta);
-- ``ours_recommended``: ``ours`` with the benchmark-local prototype of the recommended change
-  (:data:`RECOMMENDED_PATCHES`, see :mod:`benchmarks._patches`);
+- ``ours_recompute``: ``ours`` with the library's fused divergence gradient switched off (the old
+  recomputing backward, :mod:`benchmarks._patches` ``recompute_grad``): lever 1 of issue #18 alone;
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
 - ``trl_gkd_lambda0``: the same with ``lmbda=0`` (the dataset's assistant replies);
 - ``trl_distillation``: TRL's ``DistillationTrainer`` (on-policy only; what TRL recommends for lambda = 1).
+
+Precision (:attr:`BenchSpec.precision`): ``bf16`` runs ours as the shipped ``train.precision: bf16`` +
+``model.teacher_dtype: bfloat16`` do (bf16 autocast around ``update``, the teacher stored in bfloat16,
+float32 student master weights and float32 divergences) and TRL with its ``bf16=True`` flag (autocast;
+TRL has no separate teacher dtype). :attr:`BenchSpec.trl_defaults` runs TRL at its documented
+defaults instead of the matched settings: ``bf16=True`` and gradient checkpointing on.
 
 Every method builds the same teacher and student (:func:`benchmarks._harness.build_models`), uses
 the same prompts in the same order, the same AdamW (built here, see :func:`make_optimizer`),
@@ -68,6 +74,10 @@ class BenchSpec:
     """``float32`` or ``bfloat16`` (parameters of both models)."""
     optimizer: str = "adamw"
     """``adamw`` (torch default: for-loop on CPU, what rl_distill's trainer builds), ``adamw_foreach`` or ``adamw_fused``."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16``: ours as ``train.precision: bf16`` + ``model.teacher_dtype: bfloat16``; TRL ``bf16=True``."""
+    trl_defaults: bool = False
+    """TRL methods only: leave ``bf16`` and gradient checkpointing at TRL's defaults (both on)."""
 
     def __post_init__(self) -> None:
         if self.warmup < 1:
@@ -76,6 +86,8 @@ class BenchSpec:
             raise ValueError("steps must be >= 1")
         if self.optimizer not in ("adamw", "adamw_foreach", "adamw_fused"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchSpec:
@@ -159,7 +171,9 @@ def run_ours(
 def _run_ours(spec: BenchSpec, lmbda: float) -> dict[str, Any]:
     import torch
 
+    import rl_distill.agents.gkd as gkd
     from rl_distill.agents.gkd import SPECIAL_CASES, GKDAgent, GKDConfig
+    from rl_distill.precision import autocast, check_precision
     from rl_distill.rollout import RolloutEngine
     from rl_distill.tasks import Example
 
@@ -168,6 +182,9 @@ def _run_ours(spec: BenchSpec, lmbda: float) -> dict[str, Any]:
     teacher, student, tokenizer = H.build_models(
         spec.model, spec.student_layers, device=spec.device, dtype=spec.dtype
     )
+    if spec.precision == "bf16":  # as examples/configs/bf16_smollm2.yaml: the teacher alone stored in bf16
+        check_precision("bf16", spec.device)
+        teacher = teacher.to(torch.bfloat16)
     prompts, refs = _prompts_and_references(spec, tokenizer)
     examples = [Example(prompt=p, reference=r) for p, r in zip(prompts, refs)]
     engine = RolloutEngine(student, teacher, tokenizer)
@@ -186,21 +203,56 @@ def _run_ours(spec: BenchSpec, lmbda: float) -> dict[str, Any]:
     bs = spec.batch_size
     step_seconds: list[float] = []
     tokens: list[int] = []
-    phases: dict[str, list[float]] = {"generate": [], "teacher": [], "student_update": []}
+    phases: dict[str, list[float]] = {
+        "generate": [],
+        "teacher": [],
+        "student_update": [],
+        "student_forward": [],
+        "divergence": [],
+        "backward_and_step": [],
+    }
+    # Sub-phases of the student update, timed by wrapping the two calls the agent makes (CPU: no
+    # device sync needed; on an accelerator these are launch times, and only the totals count).
+    timed = {"student_forward": 0.0, "divergence": 0.0}
+
+    def timing(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timed[name] += time.perf_counter() - start
+
+        return wrapper
+
+    engine.student_forward = timing("student_forward", engine.student_forward)  # type: ignore[method-assign]
+    original_divergence = gkd.divergence
+    gkd.divergence = timing("divergence", original_divergence)
     rss_after_setup = H.rss_bytes()
     H.reset_peak_rss()
     last = time.perf_counter()
-    for i in range(spec.warmup + spec.steps):
-        batch = examples[i * bs : (i + 1) * bs]
-        stats = agent.update(batch)
-        now = time.perf_counter()
-        if i >= spec.warmup:
-            step_seconds.append(now - last)
-            tokens.append(int(stats["time/tokens"]))
-            phases["generate"].append(stats["time/generate"])
-            phases["teacher"].append(stats["time/teacher"])
-            phases["student_update"].append(stats["time/student_update"])
-        last = now
+    try:
+        for i in range(spec.warmup + spec.steps):
+            batch = examples[i * bs : (i + 1) * bs]
+            timed.update(student_forward=0.0, divergence=0.0)
+            with autocast(spec.precision, spec.device):  # as the Trainer runs update()
+                stats = agent.update(batch)
+            now = time.perf_counter()
+            if i >= spec.warmup:
+                step_seconds.append(now - last)
+                tokens.append(int(stats["time/tokens"]))
+                phases["generate"].append(stats["time/generate"])
+                phases["teacher"].append(stats["time/teacher"])
+                phases["student_update"].append(stats["time/student_update"])
+                phases["student_forward"].append(timed["student_forward"])
+                # With the fused gradient the divergence call also writes the student's logit gradient.
+                phases["divergence"].append(timed["divergence"])
+                phases["backward_and_step"].append(
+                    stats["time/student_update"] - timed["student_forward"] - timed["divergence"]
+                )
+            last = now
+    finally:
+        gkd.divergence = original_divergence
     return _result(
         "ours" if lmbda == 1.0 else "ours_lambda0",
         spec,
@@ -208,7 +260,10 @@ def _run_ours(spec: BenchSpec, lmbda: float) -> dict[str, Any]:
         tokens,
         setup_seconds=setup_seconds,
         rss_after_setup=rss_after_setup,
-        extra={"phase_median_seconds": {k: H.summarize(v)["median"] for k, v in phases.items()}},
+        extra={
+            "phase_median_seconds": {k: H.summarize(v)["median"] for k, v in phases.items()},
+            "phase_seconds": phases,
+        },
     )
 
 
@@ -229,12 +284,6 @@ def _trl_common_args(spec: BenchSpec, output_dir: str) -> dict[str, Any]:
         "max_grad_norm": 1.0,
         "temperature": spec.temperature,
         "beta": spec.beta,
-        # TRL's configs default to gradient checkpointing (which also turns the KV cache off during
-        # GKD's generation) and to bf16 autocast; the comparison is fp32 without checkpointing.
-        "gradient_checkpointing": False,  # deprecated alias in transformers 5.23, mirrors the next one
-        "activation_checkpointing": False,
-        "bf16": spec.dtype == "bfloat16",
-        "fp16": False,
         "use_cpu": spec.device == "cpu",
         "report_to": "none",
         "save_strategy": "no",
@@ -244,6 +293,21 @@ def _trl_common_args(spec: BenchSpec, output_dir: str) -> dict[str, Any]:
         "dataloader_num_workers": 0,
         "disable_dropout": True,
         "seed": spec.seed,
+        **_trl_precision_args(spec),
+    }
+
+
+def _trl_precision_args(spec: BenchSpec) -> dict[str, Any]:
+    """TRL's precision and checkpointing flags: matched (the spec's precision, no checkpointing) or TRL's defaults."""
+    if spec.trl_defaults:
+        # TRL's configs default to gradient checkpointing (which also turns the KV cache off during
+        # GKD's generation) and to bf16 autocast: leave both as TRL documents them.
+        return {}
+    return {
+        "gradient_checkpointing": False,  # deprecated alias in transformers 5.23, mirrors the next one
+        "activation_checkpointing": False,
+        "bf16": spec.dtype == "bfloat16" or spec.precision == "bf16",
+        "fp16": False,
     }
 
 
@@ -385,7 +449,8 @@ def _trl_facts(trainer: Any) -> dict[str, Any]:
     opt = getattr(opt, "optimizer", opt)  # accelerate wraps it
     gen = getattr(trainer, "generation_config", None)
     return {
-        "activation_checkpointing": bool(trainer.args.activation_checkpointing),
+        "activation_checkpointing": bool(getattr(trainer.args, "activation_checkpointing", False)),
+        "gradient_checkpointing": bool(getattr(trainer.args, "gradient_checkpointing", False)),
         "model_checkpointing_enabled": bool(getattr(model, "is_gradient_checkpointing", False)),
         "generation_use_cache": getattr(gen, "use_cache", None),
         "bf16": bool(trainer.args.bf16),
@@ -400,18 +465,12 @@ def _trl_facts(trainer: Any) -> dict[str, Any]:
     }
 
 
-#: The benchmark-local prototype of the recommended rl_distill change (``ours_recommended``).
-#: ``inverse_cdf_sampling`` and ``small_chunks`` (and the ``ours_small_chunks`` method) were removed
-#: in issue #12: the engine samples by inverse CDF since 07b5d6f, and the library's chunk default
-#: (2**19 elements since 247e0a2) is already smaller than the patch's 2**20.
-RECOMMENDED_PATCHES = ("fused_jsd",)
-
 #: name -> runner(spec) -> result dict
 METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     "ours": lambda spec: run_ours(spec, lmbda=1.0),
     "ours_lambda0": lambda spec: run_ours(spec, lmbda=0.0),
-    "ours_recommended": lambda spec: run_ours(
-        spec, lmbda=1.0, patches=RECOMMENDED_PATCHES, name="ours_recommended"
+    "ours_recompute": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("recompute_grad",), name="ours_recompute"
     ),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),

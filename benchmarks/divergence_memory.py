@@ -12,12 +12,13 @@ backward run, *including the gradient tensor of the student logits* (``student.g
 Variants (``--variants``):
 
 - ``chunked``: ``rl_distill.divergences.generalized_jsd`` as shipped (rows in chunks of
-  ``DEFAULT_CHUNK_ELEMENTS / V`` rows, recomputed in backward; the default is 2**19 elements, it was
-  2**22 when ``results/divergence_memory.json`` was measured); ``chunked:R`` the same with
-  ``chunk_size=R`` rows;
-- ``fused_grad``: a benchmark-local prototype that writes the analytic gradient during the forward
-  chunk loop (:class:`benchmarks._patches.FusedGradJSD`), at the library's default chunk;
-  ``fused_grad:R`` with R rows;
+  ``DEFAULT_CHUNK_ELEMENTS / V`` rows; since issue #18 the closed-form student gradient is written in
+  the forward chunk loop when the teacher needs no gradient; the default chunk is 2**19 elements, it
+  was 2**22, and the backward recomputed every chunk, when ``results/divergence_memory.json`` was
+  measured); ``chunked:R`` the same with ``chunk_size=R`` rows;
+- ``recompute``: the same with the fused gradient switched off (:mod:`benchmarks._patches`
+  ``recompute_grad``: every chunk recomputed under autograd in backward, the code before issue
+  #18); ``recompute:R`` with R rows;
 - ``naive_stack``: TRL's ``GKDTrainer.generalized_jsd_loss`` formula (two log-softmaxes,
   ``torch.stack`` + ``logsumexp`` mixture, two ``F.kl_div``), full autograd;
 - ``naive_logaddexp``: the same with ``torch.logaddexp`` instead of the stacked tensor.
@@ -53,9 +54,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks import _harness as H  # noqa: E402
-from benchmarks._patches import fused_jsd  # noqa: E402
+from benchmarks._patches import apply_patches  # noqa: E402
 
-DEFAULT_VARIANTS = ["chunked", "chunked:32", "chunked:8", "fused_grad", "naive_logaddexp", "naive_stack"]
+DEFAULT_VARIANTS = ["chunked", "recompute", "chunked:32", "naive_logaddexp", "naive_stack"]
 METHODS = ("rss", "rss_mmap", "profiler")
 
 
@@ -100,9 +101,19 @@ def loss_fn(variant: str, beta: float) -> Any:
     if name == "chunked":
         chunk = int(arg) if arg else None
         return lambda t, s, m: generalized_jsd(t, s, m, beta=beta, reduction="batch", chunk_size=chunk)
-    if name == "fused_grad":
-        rows = int(arg) if arg else None
-        return lambda t, s, m: fused_jsd(t, s, m, beta=beta, reduction="batch", chunk_rows=rows)
+    if name == "recompute":
+        chunk = int(arg) if arg else None
+
+        def recompute(t: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            # The choice between fused and recomputing backward is made in forward: undoing the
+            # patch before backward() leaves this call on the recomputing path.
+            undo = apply_patches(["recompute_grad"])
+            try:
+                return generalized_jsd(t, s, m, beta=beta, reduction="batch", chunk_size=chunk)
+            finally:
+                undo()
+
+        return recompute
     if name == "naive_stack":
         return lambda t, s, m: _naive_stack(t, s, m, beta)
     if name == "naive_logaddexp":

@@ -15,8 +15,8 @@
 3. **Experiments** (``--experiments``, benchmark-local monkeypatches or re-implementations):
    AdamW for-loop vs ``foreach=True`` vs ``fused=True`` and ``clip_grad_norm_`` foreach on the real
    student and gradients; the sampling arithmetic per generated token; the divergence's chunk size
-   and a fused variant that computes the analytic gradient in the forward chunk loop (no
-   recomputation in backward); the teacher's token log-probs without a full ``(B, T, V)``
+   and the library's fused gradient (the closed form written in the forward chunk loop) against the
+   recomputing backward it replaced (issue #18); the teacher's token log-probs without a full ``(B, T, V)``
    log-softmax.
 4. ``--torch-profiler``: the top operators of one ``update()`` by self CPU time.
 
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import BenchSpec, make_optimizer  # noqa: E402
-from benchmarks._patches import default_chunk_rows, fused_jsd  # noqa: E402
+from benchmarks._patches import apply_patches  # noqa: E402
 from benchmarks.vs_trl import add_spec_arguments, spec_from_args  # noqa: E402
 
 
@@ -477,7 +477,7 @@ def _naive_jsd_rows(teacher: torch.Tensor, student: torch.Tensor, beta: float) -
 
 
 def experiment_divergence(spec: BenchSpec, vocab: int, num_rows: int, repeats: int) -> dict[str, Any]:
-    """JSD(beta) forward + backward on ``(num_rows, V)`` logits: chunk sizes and the fused-gradient variant."""
+    """JSD(beta) forward + backward on ``(num_rows, V)`` logits: chunk sizes, fused vs recomputing backward."""
     from rl_distill.divergences import generalized_jsd
 
     gen = torch.Generator(device=spec.device).manual_seed(0)
@@ -496,12 +496,17 @@ def experiment_divergence(spec: BenchSpec, vocab: int, num_rows: int, repeats: i
         val.backward()
         return s.grad
 
-    def run_fused(chunk: int) -> torch.Tensor:
-        s = student_data.clone().requires_grad_(True)
-        fused_jsd(
-            teacher[None], s[None], mask, beta=spec.beta, temperature=spec.temperature,
-            reduction="sequence", chunk_rows=chunk,
-        ).sum().backward()  # fmt: skip
+    def run_recompute(chunk: int | None) -> torch.Tensor:
+        undo = apply_patches(["recompute_grad"])  # decided in forward; backward then recomputes
+        try:
+            s = student_data.clone().requires_grad_(True)
+            val = generalized_jsd(
+                teacher[None], s[None], mask, beta=spec.beta, temperature=spec.temperature,
+                reduction="sequence", chunk_size=chunk,
+            ).sum()  # fmt: skip
+        finally:
+            undo()
+        val.backward()
         return s.grad
 
     def run_naive() -> torch.Tensor:
@@ -512,7 +517,9 @@ def experiment_divergence(spec: BenchSpec, vocab: int, num_rows: int, repeats: i
         return s.grad
 
     # The library's default chunk (it was 2**22 elements when results/profile_step.json was stored).
-    default_rows = default_chunk_rows(vocab)
+    import rl_distill.divergences as div
+
+    default_rows = max(1, div.DEFAULT_CHUNK_ELEMENTS // vocab)
     variants: dict[str, Callable[[], torch.Tensor]] = {
         f"chunked, default ({default_rows} rows)": lambda: run_current(None),
     }
@@ -520,8 +527,8 @@ def experiment_divergence(spec: BenchSpec, vocab: int, num_rows: int, repeats: i
         if rows < num_rows:
             variants[f"chunked, {rows} rows"] = lambda rows=rows: run_current(rows)
     variants["chunked, one chunk (chunk_size=0)"] = lambda: run_current(0)
-    variants[f"fused gradient in forward, {default_rows} rows"] = lambda: run_fused(default_rows)
-    variants["fused gradient in forward, 32 rows"] = lambda: run_fused(32)
+    variants[f"recomputing backward (before #18), {default_rows} rows"] = lambda: run_recompute(None)
+    variants["recomputing backward (before #18), 32 rows"] = lambda: run_recompute(32)
     variants["naive full autograd (logaddexp)"] = run_naive
     reference = variants[f"chunked, default ({default_rows} rows)"]()
     results: dict[str, list[dict[str, float]]] = {n: [] for n in variants}

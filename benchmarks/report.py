@@ -10,9 +10,11 @@ and ``python -m benchmarks.report`` rewrites every such block from the JSON (not
 ``--check`` only reports blocks that differ). ``tests/test_results_pages.py`` checks that the page
 and the README headline agree with :func:`headline` and :func:`blocks`.
 
-Every measurement here was taken with the divergence chunk default of the time (2**22 elements;
-``rl_distill.divergences.DEFAULT_CHUNK_ELEMENTS`` is 2**19 since): the blocks say so, and they are
-not re-measured on the current code (issue #13).
+Round 2 (issue #18, ``perf_round2.json``): the ``r2_*`` blocks of :mod:`benchmarks.report_round2`,
+also the ``r2_env`` block of ``docs/results/env_overhead.md``. Round 1 (the other blocks, kept as
+history under the page's "History" headings): every measurement there was taken with the divergence
+chunk default of the time (2**22 elements; 2**19 since) and before the fused divergence gradient;
+the blocks say so.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import report_round2
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results" / "performance.md"
+ENV_PAGE = ROOT / "docs" / "results" / "env_overhead.md"
 
 #: The note on every block measured before the chunk default changed.
 STALE = "measured with the old 2**22-element divergence chunk default (now 2**19); not re-measured on the current code; see issue #13"
@@ -158,11 +163,11 @@ def summary_block(results: Path = RESULTS) -> str:
     return f"""| target | result | met? |
 |---|---|---|
 | on-policy GKD throughput >= 1.5x TRL `GKDTrainer`, at no more memory | median **{_x(h["ratio_median"])}** generated tokens/s over the {h["runs"]} recorded runs (min-max {h["ratio_min"]:.2f}-{_x(h["ratio_max"])}); peak RSS {h["rss_ratio_min"]:.2f}-{_x(h["rss_ratio_max"])} in every run; last run {f["ours"]:.3f} vs {f["trl_gkd"]:.3f} s/step | {met} on the code after 07b5d6f ({_list(after)}); no before it ({_list(before)}); {STALE} |
-| second peer: TRL `DistillationTrainer` (last run) | {_x(f["distillation_ratio"])} its throughput ({f["ours"]:.3f} vs {f["trl_distillation"]:.3f} s/step), **{_x(f["distillation_rss_ratio"])} its peak RSS** ({f["ours_rss"]:.0f} vs {f["trl_distillation_rss"]:.0f} MiB) | faster; more memory (with the §2 prototypes: {_x(f["ours_recommended_rss"] / f["trl_distillation_rss"])}); {STALE} |
+| second peer: TRL `DistillationTrainer` (last run) | {_x(f["distillation_ratio"])} its throughput ({f["ours"]:.3f} vs {f["trl_distillation"]:.3f} s/step), **{_x(f["distillation_rss_ratio"])} its peak RSS** ({f["ours_rss"]:.0f} vs {f["trl_distillation_rss"]:.0f} MiB) | faster; more memory (with the H2 prototypes: {_x(f["ours_recommended_rss"] / f["trl_distillation_rss"])}); {STALE} |
 | JSD(0.5) forward+backward, B=8, T=256, V=49152: peak extra <= 1.5x one (B,T,V) fp32 tensor | current default chunk (2**19 elements = 10 rows at this V, the `chunked:10` variant): **{_x(m["current_allocator"])}** (allocator) / **{_x(m["current_rss"])}** (RSS); the old 2**22 default: {_x(m["old_allocator"])} / {_x(m["old_rss"])} | **yes** at the current chunk (measured as the 10-row variant before the default changed; not re-measured on the current code; see issue #13); no at the old one |
 | on-policy over supervised-KD step time (paper: {o["paper"][0]}-{o["paper"][1]}x) | **{_x(o["ratio"])}** ({o["onpolicy"]:.3f} vs {o["supervised"]:.3f} s) | close to the paper's range; TRL: {_x(o["trl_ratio"])}; {STALE} |
 
-Over the {h["runs"]} recorded runs that timed both ours and `GKDTrainer` (table in §1), our throughput
+Over the {h["runs"]} recorded runs that timed both ours and `GKDTrainer` (table in H1), our throughput
 over GKDTrainer's was {_list(h["ratios"])}: median **{_x(h["ratio_median"])}**, min-max
 {h["ratio_min"]:.2f}-{_x(h["ratio_max"])}. The runs differ in code and optimizer (the lower two ran before
 commit 07b5d6f, inverse-CDF sampling and fused AdamW), so the spread mixes those changes with
@@ -173,7 +178,7 @@ def vs_trl_block(results: Path = RESULTS) -> str:
     """The last vs-TRL run: one row per method, then the ratios and our phase medians."""
     data = load("vs_trl_final.json", results)
     patches = data["runs"]["ours_recommended"][0]["patches"]
-    removed = " (2**20 elements; removed since, see §2)" if "small_chunks" in patches else ""
+    removed = " (2**20 elements; removed since, see H2)" if "small_chunks" in patches else ""
     s, labels = (
         data["summary"],
         {
@@ -408,6 +413,7 @@ def onpolicy_block(results: Path = RESULTS) -> str:
 
 
 BLOCKS = {
+    **report_round2.BLOCKS,
     "summary": summary_block,
     "vs_trl": vs_trl_block,
     "history": history_block,
@@ -419,9 +425,13 @@ BLOCKS = {
 }
 
 
-def blocks(results: Path = RESULTS) -> dict[str, str]:
-    """Every generated block of the page, by name."""
-    return {name: fn(results) for name, fn in BLOCKS.items()}
+#: page -> the blocks it carries (None: every block of :data:`BLOCKS`)
+PAGES: dict[Path, tuple[str, ...] | None] = {PAGE: None, ENV_PAGE: ("r2_env",)}
+
+
+def blocks(results: Path = RESULTS, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The generated blocks ``names`` (default: every block of the performance page), by name."""
+    return {name: BLOCKS[name](results) for name in (names or tuple(BLOCKS))}
 
 
 def block_pattern(name: str) -> re.Pattern[str]:
@@ -431,13 +441,13 @@ def block_pattern(name: str) -> re.Pattern[str]:
     )
 
 
-def render(text: str, results: Path = RESULTS) -> str:
-    """``text`` (the page) with every marked block rewritten from the JSON.
+def render(text: str, results: Path = RESULTS, names: tuple[str, ...] | None = None) -> str:
+    """``text`` (the page) with every marked block (of ``names``; default all) rewritten from the JSON.
 
     Raises:
         ValueError: a block's markers are missing.
     """
-    for name, content in blocks(results).items():
+    for name, content in blocks(results, names).items():
         pattern = block_pattern(name)
         if not pattern.search(text):
             raise ValueError(f"block {name!r} not marked in the page")
@@ -450,20 +460,23 @@ def render(text: str, results: Path = RESULTS) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Rewrite the page's generated blocks (``--check``: exit 1 when any differs, write nothing)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--page", type=Path, default=PAGE)
+    p.add_argument("--page", type=Path, default=None, help="one page (default: every page of PAGES)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
     args = p.parse_args(argv)
-    old = args.page.read_text(encoding="utf-8")
-    new = render(old, args.results)
-    if args.check:
-        if new != old:
-            print(f"{args.page}: generated blocks differ from {args.results}", file=sys.stderr)
-            return 1
-        return 0
-    args.page.write_text(new, encoding="utf-8")
-    print(f"wrote {args.page}")
-    return 0
+    pages = {args.page: PAGES.get(args.page)} if args.page is not None else PAGES
+    status = 0
+    for page, names in pages.items():
+        old = page.read_text(encoding="utf-8")
+        new = render(old, args.results, names)
+        if args.check:
+            if new != old:
+                print(f"{page}: generated blocks differ from {args.results}", file=sys.stderr)
+                status = 1
+            continue
+        page.write_text(new, encoding="utf-8")
+        print(f"wrote {page}")
+    return status
 
 
 if __name__ == "__main__":

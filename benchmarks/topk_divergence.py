@@ -87,27 +87,25 @@ def _allocation_peak_mib(fn: Any) -> float:
     return peak / H.MIB
 
 
-def make_batches(args: argparse.Namespace, teacher, student, tokenizer) -> list[dict[str, Any]]:
-    """Per seed and kind of data: the scored rollout (teacher full logits) of ``B`` prompts."""
-    from rl_distill.rollout import RolloutEngine, SamplingConfig
+def make_batches(engine, args: argparse.Namespace, data: str) -> list[dict[str, Any]]:
+    """Per seed: the scored rollout (teacher full logits) of ``B`` prompts, sampled by the student or teacher."""
+    from rl_distill.rollout import SamplingConfig
 
-    engine = RolloutEngine(student, teacher, tokenizer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    model = engine.student if data == "student_samples" else engine.teacher
     batches = []
     for seed in args.seeds:
         prompts = H.benchmark_prompts(args.batch_size * (seed + 1))[-args.batch_size :]
-        for data in DATA:
-            model = student if data == "student_samples" else teacher
-            gen = torch.Generator().manual_seed(seed)
-            rollout = engine.generate(prompts, sampling, model=model, generator=gen)
-            engine.score(rollout, teacher_output="full")
-            batches.append({"seed": seed, "data": data, "rollout": rollout, "engine": engine})
+        gen = torch.Generator().manual_seed(seed)
+        rollout = engine.generate(prompts, sampling, model=model, generator=gen)
+        engine.score(rollout, teacher_output="full")
+        batches.append({"seed": seed, "data": data, "rollout": rollout})
     return batches
 
 
-def measure_batch(batch: dict[str, Any], args: argparse.Namespace, student) -> dict[str, Any]:
+def measure_batch(batch: dict[str, Any], args: argparse.Namespace, engine) -> dict[str, Any]:
     """Bias and gradient cosines of every (divergence, k) against the full divergence on one batch."""
-    engine, r = batch["engine"], batch["rollout"]
+    r, student = batch["rollout"], engine.student
     mask = r.completion_mask
     teacher_logits = r.teacher_logits.float()  # (B, T, V)
     student.train()
@@ -176,7 +174,7 @@ def measure_batch(batch: dict[str, Any], args: argparse.Namespace, student) -> d
 def measure_cost(batch: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Seconds and peak extra allocation of the divergence's forward + backward, per variant."""
     r, engine = batch["rollout"], batch["engine"]
-    mask = r.completion_mask
+    mask = r.completion_mask  # (B, T)
     teacher_logits = r.teacher_logits.float()
     with torch.no_grad():
         student_logits = engine.score_student(r).float()
@@ -314,10 +312,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     hogs = H.cpu_hogs()
     machine = H.machine_info(args.threads)
-    teacher, student, tokenizer = H.build_models(args.model, args.student_layers)
-    batches = make_batches(args, teacher, student, tokenizer)
-    measured = [measure_batch(b, args, student) for b in batches]
-    first_on_policy = next(b for b in batches if b["data"] == "student_samples")
+    from rl_distill.models import make_kept_layer_student
+    from rl_distill.rollout import RolloutEngine
+
+    layers = args.student_layers
+    teacher, first, tokenizer = H.build_models(args.model, layers[0])
+    teacher_layers = teacher.config.num_hidden_layers
+    # Teacher samples do not depend on the student: drawn and scored once, measured with every student.
+    shared = make_batches(RolloutEngine(first, teacher, tokenizer), args, "teacher_samples")
+    measured, first_on_policy = [], None
+    for num in layers:
+        student = (
+            first
+            if num == layers[0]
+            else make_kept_layer_student(teacher, num_layers=num).train().requires_grad_(True)
+        )
+        engine = RolloutEngine(student, teacher, tokenizer)
+        own = make_batches(engine, args, "student_samples")
+        if first_on_policy is None:
+            first_on_policy = {**own[0], "engine": engine}
+        for batch in [*own, *shared]:
+            measured.append({**measure_batch(batch, args, engine), "student_layers": num})
     cost = measure_cost(first_on_policy, args)
     cache = measure_cache_build(args, teacher, tokenizer) if args.cache_examples > 0 else []
     machine["load_average_after"] = H.load_average()
@@ -328,7 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/topk_divergence.py " + " ".join(args.argv),
         "spec": {
             "model": args.model,
-            "student_layers": args.student_layers,
+            "student_layers": layers,
+            "teacher_layers": teacher_layers,
             "batch_size": args.batch_size,
             "max_new_tokens": args.max_new_tokens,
             "seeds": args.seeds,
@@ -341,7 +357,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "sizes": signal_sizes(vocab, args.ks),
         "batches": measured,
-        "summary": summarize(measured, args.ks),
+        "summary": {
+            str(num): summarize([m for m in measured if m["student_layers"] == num], args.ks)
+            for num in layers
+        },
         "cost": cost,
         "cache_build": cache,
     }
@@ -354,11 +373,55 @@ def _pm(s: dict[str, float], fmt: str = "{:+.3f}") -> str:
     return f"{fmt.format(s['mean'])} ± {fmt.format(s['std']).lstrip('+')}"
 
 
+def _students(data: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    """The students' layer counts and the summary per student (a single-student JSON wrapped alike)."""
+    layers = data["spec"]["student_layers"]
+    if isinstance(layers, int):
+        return [layers], {str(layers): data["summary"]}
+    return list(layers), data["summary"]
+
+
+def _data_section(s: dict[str, Any], data_kind: str, ks: list[str], level: str) -> list[str]:
+    """The bias / gradient table of one student on one kind of data."""
+    lines = [
+        f"{level} {data_kind.replace('_', ' ').capitalize()} ({sum(s['tokens'])} completion tokens in all)",
+        "",
+        "Teacher mass on its top-k: "
+        + ", ".join(f"k={k}: {_pm(s['teacher_mass'][k], '{:.3f}')}" for k in ks)
+        + "; student mass on the same tokens: "
+        + ", ".join(f"k={k}: {_pm(s['student_mass'][k], '{:.3f}')}" for k in ks)
+        + ".",
+        "",
+        "| divergence | full loss (nats/token) | k | relative bias of the loss | median token ratio D_k/D "
+        "| cos(grad) logits | cos(grad) parameters | bfloat16 top-k: change / D |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, _ in DIVERGENCES:
+        d = s[name]
+        for i, k in enumerate(ks):
+            first = i == 0
+            lines.append(
+                f"| {name if first else ''} | {_pm(d['full_loss'], '{:.4f}') if first else ''} | {k} | "
+                f"{_pm(d[k]['rel_bias'])} | {_pm(d[k]['token_ratio_median'], '{:.3f}')} | "
+                f"{_pm(d[k]['cos_logits'], '{:.4f}')} | {_pm(d[k]['cos_params'], '{:.4f}')} | "
+                f"{_pm(d[k]['bf16_rel_change'], '{:+.1e}')} |"
+            )
+    worst = max(s[name]["exact_at_V_max"] for name, _ in DIVERGENCES)
+    return [
+        *lines,
+        "",
+        f"Check: at k = V the top-k loss equals the full one (largest difference {worst:.1e} nats).",
+        "",
+    ]
+
+
 def render(data: dict[str, Any], json_path: str = "benchmarks/results/topk_divergence.json") -> str:
     """The markdown of ``docs/results/topk_divergence.md`` (every number read from ``data``)."""
-    spec, m, sizes, summary = data["spec"], data["machine"], data["sizes"], data["summary"]
+    spec, m, sizes = data["spec"], data["machine"], data["sizes"]
+    layers, summaries = _students(data)
     ks = [str(k) for k in spec["ks"]]
     seeds = spec["seeds"]
+    of = f" of {spec['teacher_layers']}" if "teacher_layers" in spec else ""
     lines = [
         "# Top-k teacher signals: bias and cost against the full divergence",
         "",
@@ -368,10 +431,11 @@ def render(data: dict[str, Any], json_path: str = "benchmarks/results/topk_diver
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, torch {m['torch']}, "
         f"{m['torch_threads']} thread(s); load average {m['load_average'][0]:.2f} before, "
         f"{m['load_average_after'][0]:.2f} after (a shared machine: timings are indicative)",
-        f"- Setting: teacher `{spec['model']}`, student its {spec['student_layers']}-layer kept-layer copy (untrained), "
+        f"- Setting: teacher `{spec['model']}`; students: its kept-layer copies with "
+        f"{' and '.join(map(str, layers))}{of} layers (untrained: the start of distillation); "
         f"{len(seeds)} batches (seeds {', '.join(map(str, seeds))}) of {spec['batch_size']} `instructions` prompts "
         f"with up to {spec['max_new_tokens']} sampled tokens, from the student (on-policy data) and from the teacher "
-        "(fixed-sequence data); temperature 1",
+        "(fixed-sequence data, the same for every student); temperature 1",
         f"- Raw data: [`{json_path}`](../../{json_path})",
         "",
         "The top-k divergence (`rl_distill.divergences.topk_divergence`, `agent.teacher_topk`) coarse-grains both "
@@ -379,41 +443,17 @@ def render(data: dict[str, Any], json_path: str = "benchmarks/results/topk_diver
         "(data-processing inequality): the relative bias below is never positive. Numbers are mean ± std over the "
         f"{len(seeds)} batches.",
         "",
+        *interpretation(data),
+        "",
     ]
-    for data_kind in DATA:
-        s = summary[data_kind]
-        lines += [
-            f"## {data_kind.replace('_', ' ').capitalize()} ({sum(s['tokens'])} completion tokens in all)",
-            "",
-            "Teacher mass on its top-k: "
-            + ", ".join(f"k={k}: {_pm(s['teacher_mass'][k], '{:.3f}')}" for k in ks)
-            + "; student mass on the same tokens: "
-            + ", ".join(f"k={k}: {_pm(s['student_mass'][k], '{:.3f}')}" for k in ks)
-            + ".",
-            "",
-            "| divergence | full loss (nats/token) | k | relative bias of the loss | median token ratio D_k/D "
-            "| cos(grad) logits | cos(grad) parameters | bfloat16 top-k: change / D |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, _ in DIVERGENCES:
-            d = s[name]
-            for i, k in enumerate(ks):
-                first = i == 0
-                lines.append(
-                    f"| {name if first else ''} | {_pm(d['full_loss'], '{:.4f}') if first else ''} | {k} | "
-                    f"{_pm(d[k]['rel_bias'])} | {_pm(d[k]['token_ratio_median'], '{:.3f}')} | "
-                    f"{_pm(d[k]['cos_logits'], '{:.4f}')} | {_pm(d[k]['cos_params'], '{:.4f}')} | "
-                    f"{_pm(d[k]['bf16_rel_change'], '{:+.1e}')} |"
-                )
-        worst = max(s[name]["exact_at_V_max"] for name, _ in DIVERGENCES)
-        lines += [
-            "",
-            f"Check: at k = V the top-k loss equals the full one (largest difference {worst:.1e} nats).",
-            "",
-        ]
+    for num in layers:
+        lines += [f"## Student with {num}{of} layers", ""]
+        for data_kind in DATA:
+            lines += _data_section(summaries[str(num)][data_kind], data_kind, ks, "###")
     cost = data["cost"]
     lines += [
-        "## Cost of the divergence (forward + backward w.r.t. the student logits, first on-policy batch)",
+        f"## Cost of the divergence (forward + backward w.r.t. the student logits, first on-policy batch, "
+        f"{layers[0]}-layer student)",
         "",
         f"Median seconds of {spec['repeats']} repeats (min-max), and the peak extra allocation during one "
         "forward + backward (torch profiler; includes the `(B, T, V)` gradient of the logits, which every "
@@ -463,41 +503,48 @@ def render(data: dict[str, Any], json_path: str = "benchmarks/results/topk_diver
                 f"| {c['k']} | {c['dtype']} | {c['tokens']} | {c['bytes'] / H.MIB:.2f} | {c['bytes_per_token']:.1f} | "
                 f"{c['seconds']:.1f} | {c['tokens'] / c['seconds']:.0f} |"
             )
-    lines += ["", *interpretation(data), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, ""])
 
 
 def interpretation(data: dict[str, Any]) -> list[str]:
     """Reading of the numbers (every figure quoted comes from ``data``)."""
-    s, ks = data["summary"], [str(k) for k in data["spec"]["ks"]]
+    ks = [str(k) for k in data["spec"]["ks"]]
+    layers, summaries = _students(data)
     lo, hi = ks[0], ks[-1]
-    on, off = s["student_samples"], s["teacher_samples"]
     cost = data["cost"]
     speed = {
         name: cost[name]["full"]["seconds"]["median"] / cost[name][hi]["seconds"]["median"]
         for name, _ in DIVERGENCES
     }
 
-    def bias(d: dict[str, Any], name: str) -> str:
-        return " / ".join(f"{_pm(d[name][k]['rel_bias'])}" for k in ks)
+    def stat(d: dict[str, Any], name: str, key: str, fmt: str = "{:+.3f}") -> str:
+        return " / ".join(f"{_pm(d[name][k][key], fmt)}" for k in ks)
 
-    def cos(d: dict[str, Any], name: str) -> str:
-        return " / ".join(f"{_pm(d[name][k]['cos_params'], '{:.3f}')}" for k in ks)
-
-    mass = lambda d: " / ".join(f"{d['teacher_mass'][k]['mean']:.3f}" for k in ks)  # noqa: E731
-    return [
-        "## Reading",
-        "",
-        f"- **Bias of the loss** (k = {' / '.join(ks)}). Student samples: JSD {bias(on, 'jsd')}, forward KL "
-        f"{bias(on, 'forward_kl')}, reverse KL {bias(on, 'reverse_kl')}. Teacher samples: JSD {bias(off, 'jsd')}, "
-        f"forward KL {bias(off, 'forward_kl')}, reverse KL {bias(off, 'reverse_kl')}. The teacher's mean mass in "
-        f"its top-k is {mass(on)} on student samples and {mass(off)} on teacher samples. The top-k loss misses "
-        "exactly the disagreement *inside* the teacher's tail (zero where student and teacher give the tail the "
-        "same shape), so the bias shrinks as k grows and as the teacher's tail mass falls.",
-        f"- **Direction of the gradient** (cosine with the full gradient, student parameters, k = {' / '.join(ks)}). "
-        f"Student samples: JSD {cos(on, 'jsd')}, forward KL {cos(on, 'forward_kl')}, reverse KL "
-        f"{cos(on, 'reverse_kl')}. Teacher samples: JSD {cos(off, 'jsd')}, forward KL {cos(off, 'forward_kl')}, "
-        f"reverse KL {cos(off, 'reverse_kl')}.",
+    lines = ["## Reading", ""]
+    for num in layers:
+        on, off = summaries[str(num)]["student_samples"], summaries[str(num)]["teacher_samples"]
+        mass = lambda d: " / ".join(f"{d['teacher_mass'][k]['mean']:.3f}" for k in ks)  # noqa: E731
+        lines += [
+            f"- **{num}-layer student, bias of the loss** (k = {' / '.join(ks)}; full forward KL "
+            f"{on['forward_kl']['full_loss']['mean']:.2f} nats/token on its own samples). Student samples: JSD "
+            f"{stat(on, 'jsd', 'rel_bias')}, forward KL {stat(on, 'forward_kl', 'rel_bias')}, reverse KL "
+            f"{stat(on, 'reverse_kl', 'rel_bias')}. Teacher samples: JSD {stat(off, 'jsd', 'rel_bias')}, forward KL "
+            f"{stat(off, 'forward_kl', 'rel_bias')}, reverse KL {stat(off, 'reverse_kl', 'rel_bias')}. The teacher's "
+            f"mean mass in its top-k: {mass(on)} (student samples), {mass(off)} (teacher samples).",
+            f"- **{num}-layer student, direction** (cosine with the full gradient w.r.t. the student's parameters, "
+            f"k = {' / '.join(ks)}). Student samples: JSD {stat(on, 'jsd', 'cos_params', '{:.3f}')}, forward KL "
+            f"{stat(on, 'forward_kl', 'cos_params', '{:.3f}')}, reverse KL "
+            f"{stat(on, 'reverse_kl', 'cos_params', '{:.3f}')}. Teacher samples: JSD "
+            f"{stat(off, 'jsd', 'cos_params', '{:.3f}')}, forward KL {stat(off, 'forward_kl', 'cos_params', '{:.3f}')}, "
+            f"reverse KL {stat(off, 'reverse_kl', 'cos_params', '{:.3f}')}.",
+        ]
+    lines += [
+        "- **Why.** The top-k loss sees the teacher's k tokens and the student's *total* mass on the rest; it misses "
+        "how the student spreads that mass over the tail (zero bias only where the student gives the tail the "
+        "teacher's shape). Forward KL weights each token by the teacher, so where the teacher's mass sits in its "
+        "top-k (the teacher mass above) its gradient keeps its direction; reverse KL and JSD also weight tokens by "
+        "the student, whose mass outside the teacher's top-k (one minus the student mass above) enters only "
+        "through the merged tail bucket.",
         "- **Cost.** The top-k loss still needs the student's full log-softmax over V (for the tail mass and the "
         f"gradient), so it saves no work on the student side (full / top-{hi} time: "
         + ", ".join(f"{name} {v:.2f}x" for name, v in speed.items())
@@ -506,6 +553,7 @@ def interpretation(data: dict[str, Any]) -> list[str]:
         f"{data['sizes']['cache_float32'][hi]:,} for a top-{hi} float32 cache, "
         f"{data['sizes']['cache_float32'][lo]:,} for top-{lo}.",
     ]
+    return lines
 
 
 def write_page(data: dict[str, Any], page: Path = PAGE, json_path: str | None = None) -> Path:
@@ -524,7 +572,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="teacher (or 'tiny' for a smoke run)"
     )
-    parser.add_argument("--student-layers", type=int, default=6)
+    parser.add_argument(
+        "--student-layers",
+        type=int,
+        nargs="+",
+        default=[6, 24],
+        help="kept-layer students (layers of the teacher's)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -8,10 +8,14 @@ the two tokenizations have different lengths. The student (64 wide, 2 layers, li
 student) is SFT-warmed here on the teacher's training split (``artifacts/xtok/student``, built once and
 reused), then distilled for ``--train-steps`` steps by:
 
+- ``sft_ref``: control, no teacher: more SFT on the dataset references (what the student was warmed on);
 - ``seqkd``: cross-entropy on teacher samples re-tokenised by the student (text only; any tokenizer pair);
 - ``uld_off``: Boizard et al. 2024's setting: teacher samples, cross-entropy + ULD on span-aligned positions;
 - ``uld_on``: ULD on the student's own samples (lambda = 1), no cross-entropy;
-- ``uld_mix``: half on-policy ULD, half teacher samples with cross-entropy + ULD (lambda = 0.5).
+- ``uld_mix``: half on-policy ULD, half teacher samples with cross-entropy + ULD (lambda = 0.5);
+- ``span_pg``: on-policy, no ULD: the span-reward policy gradient (REINFORCE on ``log pT(span) - log pS``,
+  the sequence-level reverse KL; this toolkit's identity-aware extension, ``agent.pg_weight``);
+- ``uld_pg``: on-policy ULD plus the span-reward policy gradient.
 
 Measured on held-out 2-operation problems before and after: greedy exact-match accuracy (the trainer's
 ``eval/greedy/exact_match``) and, on the student's own samples at temperature 1
@@ -54,10 +58,13 @@ from _experiment import (  # noqa: E402
 
 #: method -> ``agent`` overrides (``name: uld``, ``model.cross_tokenizer: uld``).
 METHODS: dict[str, dict[str, Any]] = {
+    "sft_ref": {"lmbda": 0.0, "off_policy": "reference", "uld_weight": 0.0, "ce_weight": 1.0},
     "seqkd": {"lmbda": 0.0, "off_policy": "teacher", "uld_weight": 0.0, "ce_weight": 1.0},
     "uld_off": {"lmbda": 0.0, "off_policy": "teacher", "uld_weight": 1.0, "ce_weight": 1.0},
     "uld_on": {"lmbda": 1.0, "uld_weight": 1.0},
     "uld_mix": {"lmbda": 0.5, "off_policy": "teacher", "uld_weight": 1.0, "ce_weight": 1.0},
+    "span_pg": {"lmbda": 1.0, "uld_weight": 0.0, "pg_weight": 1.0},
+    "uld_pg": {"lmbda": 1.0, "uld_weight": 1.0, "pg_weight": 1.0},
 }
 NAME = "cross_tokenizer"
 TITLE = "Cross-tokenizer distillation: ULD vs SeqKD (char teacher, digit-pair student)"
@@ -249,6 +256,20 @@ def accuracy(run: dict[str, Any]) -> float:
     return run["after"]["eval/greedy/exact_match"]
 
 
+def teacher_nll_seq(m: dict[str, float]) -> float:
+    """Mean ``-log pT(text)`` per sequence: ``teacher_nll_char * completion_chars`` (both over the same rows)."""
+    return m["teacher_nll_char"] * m["completion_chars"]
+
+
+def own_logprob_seq(m: dict[str, float]) -> float:
+    """Mean ``log pS(y)`` per sequence of the student's own samples: ``reverse_kl_seq - teacher NLL per sequence``.
+
+    Exact from :func:`~rl_distill.cross_tokenizer.evaluate_cross`'s means: ``reverse_kl_seq`` is the mean of
+    ``log pS(y) - log pT(text)``. Higher is a student surer of its own samples.
+    """
+    return m["reverse_kl_seq"] - teacher_nll_seq(m)
+
+
 def paired_deltas(runs: list[dict[str, Any]], metric: Any, base: str) -> dict[str, tuple[float, float, int]]:
     """Per method, ``metric(method) - metric(base)`` paired by seed: ``(mean, std, n)``."""
     from rl_distill.compare import mean_std
@@ -322,24 +343,73 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
                 f"{d_div[k][method][0]:+.3f} ± {d_div[k][method][1]:.3f}" for k, _, _ in DIVERGENCES
             )
             lines.append(f"| {method} | {m:+.3f} ± {s:.3f} | {cells} | {n} |")
+    own = group_stats(runs, ["method"], lambda r: own_logprob_seq(r["extra"]))
+    nll = group_stats(runs, ["method"], lambda r: teacher_nll_seq(r["extra"]))
+    lines += [
+        "",
+        "## Whose samples: the student's confidence against the teacher's",
+        "",
+        "Per held-out student sample (same samples as above): the student's own log-prob `log pS(y)` (higher: "
+        "surer of its own samples) and the teacher's NLL of their text `-log pT(text)`; derived exactly from the "
+        "means above (`reverse_kl_seq` minus the teacher's NLL per sequence).",
+        "",
+        "| method | log pS(y) per sequence | -log pT(text) per sequence |",
+        "|---|---|---|",
+        f"| student before | {own_logprob_seq(start):.3f} | {teacher_nll_seq(start):.3f} |",
+    ]
+    for method in methods:
+        lines.append(f"| {method} | {fmt(*own[(method,)][:2])} | {fmt(*nll[(method,)][:2])} |")
     lines += ["", "## Findings (computed from the runs)", ""]
     lines += findings(runs, start, before_acc, methods, acc, divs)
+    if "sft_ref" in methods:
+        control = paired_deltas(runs, accuracy, "sft_ref")
+        parts = [f"`{m}` {d:+.3f} ± {sd:.3f}" for m, (d, sd, _) in control.items()]
+        lines.append(
+            "- Against the no-teacher control `sft_ref` (more SFT on the references; accuracy difference paired by "
+            "seed): " + "; ".join(parts) + "."
+        )
+    sharper = [
+        m
+        for m in methods
+        if own[(m,)][0] - own[(m,)][1] > own_logprob_seq(start)
+        and nll[(m,)][0] - nll[(m,)][1] > teacher_nll_seq(start)
+    ]
+    if sharper:
+        lines.append(
+            "- The student grows surer of its own samples (higher `log pS(y)`) while the teacher finds their text "
+            "less likely (higher `-log pT(text)`), both beyond the spread, with: "
+            + ", ".join(f"`{m}` ({own_logprob_seq(start):.2f} -> {own[(m,)][0]:.2f} nats)" for m in sharper)
+            + ": the mode-sharpening that an identity-free loss allows."
+        )
     lines += [
         "",
         "## Limits",
         "",
         "- ULD compares *sorted* probabilities: it transfers the shape (confidence) of the teacher's "
-        "distributions, not which token is right. On-policy ULD alone has no cross-entropy term, so its only "
-        "identity signal is none; it can lower the ULD distance without moving the sequence-level divergence.",
+        "distributions, not which token is right. On the student's own samples (`uld_on`) it is the only signal, "
+        "so it can shrink the ULD distance by making the student surer of its own choices, right or wrong.",
         "- Positions are paired only where the two tokenizations reach the same character boundary; the teacher's "
         "two-digit groups are merged as first-digit distribution × probability of the actual second digit (an "
-        "approximation, exact only at the actual first digit).",
+        "approximation, exact only at the actual first digit). Where the student's sampled pair is one the teacher "
+        "finds unlikely, the teacher's merged vector has little mass, and ULD then pulls the student's whole "
+        "distribution down at that position: a flattening signal unrelated to the right digit.",
+        "- `span_pg`/`uld_pg` use this toolkit's span-reward policy gradient (`agent.pg_weight`; REINFORCE on the "
+        "sequence-level reverse KL with the teacher's log-prob of each aligned span), not part of ULD: a "
+        "sample-based estimate, noisier than a full-distribution divergence.",
         "- One small pair (a character teacher, a digit-pair student), one task, "
         f"{len(data['seeds'])} seeds, {args.train_steps} steps: a mechanism check, not a benchmark.",
         "",
         f"![{NAME}.png]({NAME}.png)",
     ]
     return "\n".join(lines)
+
+
+def direction(mean: float, std: float, start: float) -> str:
+    """``falls`` / ``rises`` when the mean moved from ``start`` by more than its std over seeds and by at least
+    0.001 (what the page's three decimals can show), else ``flat``."""
+    if abs(mean - start) <= max(std, 0.001):
+        return "flat"
+    return "falls" if mean < start else "rises"
 
 
 def findings(
@@ -350,19 +420,49 @@ def findings(
     acc: dict[Any, Any],
     divs: dict[str, Any],
 ) -> list[str]:
-    """Bullet points: what moved, against the start and against SeqKD, with their spread."""
+    """Bullet points: what moved against the start (beyond the std over seeds) and how SeqKD compares."""
     out = []
+    moved: dict[str, dict[str, str]] = {}
     for method in methods:
         m, s, n = acc[(method,)]
         moves = []
+        moved[method] = {"accuracy": direction(m, s, before_acc)}
         for k, title, _ in DIVERGENCES:
             dm, ds, _ = divs[k][(method,)]
-            moves.append(f"{title} {start[k]:.3f} -> {dm:.3f} ± {ds:.3f}")
+            moved[method][k] = direction(dm, ds, start[k])
+            moves.append(f"{title} {start[k]:.3f} -> {dm:.3f} ± {ds:.3f} ({moved[method][k]})")
         per_seed = sorted(accuracy(r) for r in runs if r["method"] == method)
         out.append(
-            f"- **{method}**: greedy accuracy {before_acc:.3f} -> {m:.3f} ± {s:.3f} (seeds: "
-            f"{', '.join(f'{a:.3f}' for a in per_seed)}); " + "; ".join(moves) + "."
+            f"- **{method}**: greedy accuracy {before_acc:.3f} -> {m:.3f} ± {s:.3f} ({moved[method]['accuracy']}; "
+            f"seeds: {', '.join(f'{a:.3f}' for a in per_seed)}); " + "; ".join(moves) + "."
         )
+    all_fall = [m for m in methods if all(moved[m][k] == "falls" for k, _, _ in DIVERGENCES)]
+    out.append(
+        "- Every divergence falls (beyond its spread) with: "
+        + (", ".join(f"`{m}`" for m in all_fall) if all_fall else "no method")
+        + "."
+    )
+    uld_only = [
+        m
+        for m in methods
+        if moved[m]["uld"] == "falls"
+        and "rises" in (moved[m]["reverse_kl_seq"], moved[m]["teacher_nll_char"])
+    ]
+    if uld_only:
+        out.append(
+            "- The ULD distance falls while a sequence-level divergence rises with: "
+            + ", ".join(f"`{m}`" for m in uld_only)
+            + " (the identity limit: a smaller sorted-probability distance, further from the teacher's text)."
+        )
+    up = [m for m in methods if moved[m]["accuracy"] == "rises"]
+    down = [m for m in methods if moved[m]["accuracy"] == "falls"]
+    out.append(
+        "- Greedy accuracy rises beyond its spread with: "
+        + (", ".join(f"`{m}`" for m in up) if up else "no method")
+        + "; falls with: "
+        + (", ".join(f"`{m}`" for m in down) if down else "no method")
+        + "."
+    )
     return out
 
 

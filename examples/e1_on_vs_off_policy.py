@@ -33,7 +33,8 @@ The models and the run (docs/results/e1_on_vs_off_policy.md):
     python examples/e1_on_vs_off_policy.py --workers 1 --threads 1
 
 Writes ``docs/results/<name>.{md,json}`` and ``<name>_*.png`` (``--name``, default
-``e1_on_vs_off_policy``); runs resume from ``runs/e1/runs.jsonl`` (``--out``); ``--report-only``
+``e1_on_vs_off_policy``); runs resume from ``runs/e1/runs.jsonl`` (``--out``); ``--cached-only`` reports
+the runs finished so far without training (the page lists the planned runs left out); ``--report-only``
 rebuilds the page from the JSON.
 """
 
@@ -58,6 +59,7 @@ from _experiment import (  # noqa: E402
     cached_report,
     load_pair,
     pyplot,
+    read_runs,
     relative,
     run_job,
     run_jobs,
@@ -73,6 +75,8 @@ DIVERGENCES: dict[str, dict[str, Any]] = {
     "rkl": {"divergence": "reverse_kl"},
     "jsd0.5": {"divergence": "jsd", "beta": 0.5},
 }
+#: A validation curve is called flat when its last interval changes accuracy by less than this.
+FLAT = 0.01
 #: Divergence of the learning-rate sweep.
 SWEEP_DIVERGENCE = "jsd0.5"
 #: 97.5% quantiles of Student's t by degrees of freedom (two-sided 95% intervals over seeds).
@@ -257,6 +261,23 @@ def eval_after(trainer: Any, job: Job) -> dict[str, Any]:
     return score_split(trainer.engine, splits["eval"], job.eval["max_new_tokens"])
 
 
+def result_positions(ids: Any, chars: list[str]) -> Any:
+    """``(B, T)`` bool: the positions whose token writes an equation's result (after ``=``, to its ``.``).
+
+    The state is read from the prefix before each position: after an ``=`` and before the next ``.``.
+    """
+    import torch
+
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        inside = False
+        for n, token in enumerate(row):
+            out[b, n] = inside
+            c = chars[token] if 0 <= token < len(chars) else ""
+            inside = True if c == "=" else False if c == "." else inside
+    return out
+
+
 def exposure_bias(
     teacher: Any, student: Any, tokenizer: Any, examples: list[Any], max_new: int
 ) -> dict[str, Any]:
@@ -269,6 +290,10 @@ def exposure_bias(
       ``own_on_path`` (the prefix so far equals the teacher's greedy completion, so the state is one the
       teacher-forced pass also sees) and ``own_off_path`` (the prefix has left it).
 
+    Each kind ``k`` also has ``k@result``: only the positions that write the result of an equation (after
+    its ``=``, up to and including the ``.`` that closes the number), where the arithmetic happens; the
+    other positions mostly copy operands.
+
     Returns:
         ``{kind: {"agree": [...], "p_teacher": [...], "count": [...]}}`` per position (sums; the
         rates are sum / count), the per-kind totals, and sequence-level facts.
@@ -279,16 +304,23 @@ def exposure_bias(
 
     engine = RolloutEngine(student, teacher, tokenizer)
     greedy = SamplingConfig(max_new, temperature=0.0)
-    kinds = ("teacher_forced", "own", "own_on_path", "own_off_path")
+    kinds = [
+        f"{k}{part}"
+        for k in ("teacher_forced", "own", "own_on_path", "own_off_path")
+        for part in ("", "@result")
+    ]
     acc = {k: {"agree": [0.0] * max_new, "p_teacher": [0.0] * max_new, "count": [0] * max_new} for k in kinds}
     same_completion = 0
+    chars = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
-    def add(kind: str, agree: Any, p_teacher: Any, mask: Any) -> None:
-        for n in range(agree.shape[1]):
-            m = mask[:, n]
-            acc[kind]["agree"][n] += float(agree[:, n][m].sum())
-            acc[kind]["p_teacher"][n] += float(p_teacher[:, n][m].sum())
-            acc[kind]["count"][n] += int(m.sum())
+    def add(kind: str, agree: Any, p_teacher: Any, mask: Any, ids: Any) -> None:
+        result = result_positions(ids, chars)
+        for name, where in ((kind, mask), (f"{kind}@result", mask & result)):
+            for n in range(agree.shape[1]):
+                m = where[:, n]
+                acc[name]["agree"][n] += float(agree[:, n][m].sum())
+                acc[name]["p_teacher"][n] += float(p_teacher[:, n][m].sum())
+                acc[name]["count"][n] += int(m.sum())
 
     with torch.no_grad():
         for lo in range(0, len(examples), 250):
@@ -301,12 +333,13 @@ def exposure_bias(
                 (s_arg == tf.teacher_logits.argmax(-1)).float(),
                 t_prob.gather(-1, s_arg[..., None])[..., 0],
                 tf.completion_mask,
+                tf.completion_ids,
             )
             own = engine.score(engine.generate(prompts, greedy), teacher_output="full")
             ids = own.completion_ids  # (B, T') the student's argmax tokens
             agree = (ids == own.teacher_logits.argmax(-1)).float()
             p_t = own.teacher_logits.float().softmax(-1).gather(-1, ids[..., None])[..., 0]
-            add("own", agree, p_t, own.completion_mask)
+            add("own", agree, p_t, own.completion_mask, ids)
             # on the teacher's path: every earlier token equals the teacher's greedy token there
             width = ids.shape[1]
             ref = torch.full_like(ids, -1)
@@ -315,8 +348,8 @@ def exposure_bias(
             same = (ids == ref).long()
             on_path = torch.ones_like(ids, dtype=torch.bool)
             on_path[:, 1:] = same[:, :-1].cumprod(1).bool()
-            add("own_on_path", agree, p_t, own.completion_mask & on_path)
-            add("own_off_path", agree, p_t, own.completion_mask & ~on_path)
+            add("own_on_path", agree, p_t, own.completion_mask & on_path, ids)
+            add("own_off_path", agree, p_t, own.completion_mask & ~on_path, ids)
             for a, b in zip(engine.decode(own), engine.decode(tf)):
                 same_completion += a == b
     totals = {
@@ -467,7 +500,8 @@ def grid_jobs(args: argparse.Namespace, report: dict[str, Any], chosen: dict[str
 def ci(summary: dict[str, float]) -> str:
     """``0.512 [0.481, 0.543] (seeds ± 0.012)``: the problem interval, then the seed std."""
     m, h = summary["mean"], summary["ci_problems"]
-    return f"{m:.3f} [{max(0.0, m - h):.3f}, {min(1.0, m + h):.3f}] (± {summary['seed_std']:.3f})"
+    spread = f" (± {summary['seed_std']:.3f})" if summary["seeds"] > 1 else ""
+    return f"{m:.3f} [{max(0.0, m - h):.3f}, {min(1.0, m + h):.3f}]{spread}"
 
 
 def gain_text(g: dict[str, Any]) -> str:
@@ -475,29 +509,34 @@ def gain_text(g: dict[str, Any]) -> str:
     return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
 
 
+#: Row labels of the exposure-bias table.
+EXPOSURE_LABELS = {
+    "teacher_forced": "teacher's prefixes (teacher-forced)",
+    "own": "student's own prefixes, all",
+    "own_on_path": "own prefixes still on the teacher's path",
+    "own_off_path": "own prefixes off the teacher's path",
+}
+
+
 def exposure_table(eb: dict[str, Any], bins: int = 10) -> str:
-    """Markdown: agreement and teacher probability by kind of prefix, overall and by position bins."""
-    labels = {
-        "teacher_forced": "teacher's prefixes (teacher-forced)",
-        "own": "student's own prefixes, all",
-        "own_on_path": "own prefixes still on the teacher's path",
-        "own_off_path": "own prefixes off the teacher's path",
-    }
+    """Markdown: agreement and teacher probability by kind of prefix, on every token and on result tokens,
+    and the agreement by position bins (every token)."""
     pos = eb["positions"]
     width = len(pos["teacher_forced"]["count"])
     edges = list(range(0, width, bins))
-    head = "| prefixes | tokens | agreement | p_teacher(student token) | " + " | ".join(
-        f"pos {a}-{min(a + bins, width) - 1}" for a in edges
+    head = (
+        "| prefixes | tokens | agreement | p_teacher(student token) | result tokens | agreement on result tokens | "
+        + " | ".join(f"pos {a}-{min(a + bins, width) - 1}" for a in edges)
     )
-    lines = [head + " |", "|" + "---|" * (4 + len(edges))]
-    for kind, label in labels.items():
-        t = eb["totals"][kind]
+    lines = [head + " |", "|" + "---|" * (6 + len(edges))]
+    for kind, label in EXPOSURE_LABELS.items():
+        t, r = eb["totals"][kind], eb["totals"][f"{kind}@result"]
         cells = []
         for a in edges:
             c = sum(pos[kind]["count"][a : a + bins])
             cells.append(f"{sum(pos[kind]['agree'][a : a + bins]) / c:.3f}" if c else "-")
         lines.append(
-            f"| {label} | {t['tokens']} | {t['agree']:.3f} | {t['p_teacher']:.3f} | "
+            f"| {label} | {t['tokens']} | {t['agree']:.3f} | {t['p_teacher']:.3f} | {r['tokens']} | {r['agree']:.3f} | "
             + " | ".join(cells)
             + " |"
         )
@@ -505,22 +544,31 @@ def exposure_table(eb: dict[str, Any], bins: int = 10) -> str:
 
 
 def exposure_finding(eb: dict[str, Any]) -> str:
-    """One sentence comparing the disagreement rates of the kinds of prefix (computed)."""
+    """Sentences comparing the disagreement rates of the kinds of prefix, all tokens and result tokens."""
     t = eb["totals"]
     err = {k: 1 - v["agree"] for k, v in t.items()}
-    text = (
-        f"The student disagrees with the teacher's next token on {err['teacher_forced']:.3f} of the tokens of "
-        f"the teacher's completions and on {err['own']:.3f} of its own ({err['own_on_path']:.3f} while its prefix "
-        "is still the teacher's"
-    )
-    if t["own_off_path"]["tokens"]:
-        ratio = err["own_off_path"] / err["teacher_forced"] if err["teacher_forced"] > 0 else float("inf")
-        text += f", {err['own_off_path']:.3f} once it has left it: {ratio:.1f}x the teacher-forced rate)"
-    else:
-        text += "; no prefix leaves it)"
+    parts = []
+    for suffix, what in (("", "tokens"), ("@result", "result tokens (after `=`)")):
+        text = (
+            f"the student disagrees with the teacher's next token on {err['teacher_forced' + suffix]:.3f} of the "
+            f"{what} of the teacher's completions and on {err['own' + suffix]:.3f} of its own "
+            f"({err['own_on_path' + suffix]:.3f} while its prefix is still the teacher's"
+        )
+        if t["own_off_path" + suffix]["tokens"]:
+            base = err["teacher_forced" + suffix]
+            ratio = f"{err['own_off_path' + suffix] / base:.1f}x" if base > 0 else "above 0 against 0 for"
+            text += (
+                f", {err['own_off_path' + suffix]:.3f} once it has left it: {ratio} the teacher-forced rate)"
+            )
+        else:
+            text += "; no prefix leaves it)"
+        parts.append(text)
     return (
-        text
-        + f"; {eb['left_teacher_path']} of {eb['problems']} greedy completions leave the teacher's path, "
+        "On every token, "
+        + parts[0]
+        + "; on "
+        + parts[1].replace("the student disagrees with the teacher's next token on ", "", 1)
+        + f". {eb['left_teacher_path']} of {eb['problems']} greedy completions leave the teacher's path, "
         f"{eb['same_completion']} are identical to it."
     )
 
@@ -540,6 +588,31 @@ def curve_table(grid: list[dict[str, Any]], order: list[str]) -> str:
             ]
             lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def not_run_note(keys: list[str]) -> str:
+    """A paragraph listing the planned grid runs that were not run (empty when none)."""
+    if not keys:
+        return ""
+    return (
+        f"**Incomplete grid**: {len(keys)} planned runs were not run in the time budget and are missing from "
+        "every table below (they resume from `runs.jsonl` with the same command): "
+        + ", ".join(f"`{k.removeprefix('grid|')}`" for k in keys)
+        + ".\n\n"
+    )
+
+
+def edge_note(sweep: list[dict[str, Any]], chosen: dict[str, float]) -> str:
+    """A sentence naming each lambda whose chosen lr is the largest or smallest swept (else empty)."""
+    lrs = sorted({r["lr"] for r in sweep})
+    notes = []
+    for lmbda, lr in chosen.items():
+        if len(lrs) > 1 and lr in (lrs[0], lrs[-1]):
+            side = "largest" if lr == lrs[-1] else "smallest"
+            notes.append(
+                f"lambda {lmbda}'s lr ({lr:g}) is the {side} swept, so its optimum may lie beyond the range"
+            )
+    return (" " + "; ".join(notes).capitalize() + ".") if notes else ""
 
 
 def sweep_table(sweep: list[dict[str, Any]], chosen: dict[str, float]) -> str:
@@ -671,6 +744,27 @@ def findings(data: dict[str, Any]) -> str:
                 f"{rows[worst][decoding]['mean']:.3f} (`{worst}`) to {rows[best][decoding]['mean']:.3f} (`{best}`); "
                 f"{len(above)} of {len(rows)} end with the lower end of their interval over problems above the start."
             )
+    grid = [r for r in data["runs"] if r["phase"] == "grid" and len(r["curve"]) >= 2]
+    if grid:
+        rises = {}
+        for m in rows:
+            runs = [r for r in grid if r["method"] == m]
+            if runs:
+                rises[m] = statistics.fmean(
+                    r["curve"][-1]["eval/greedy/exact_match"] - r["curve"][-2]["eval/greedy/exact_match"]
+                    for r in runs
+                )
+        last = grid[0]["curve"][-2]["step"], grid[0]["curve"][-1]["step"]
+        flat = [m for m, v in rises.items() if abs(v) < FLAT]
+        out.append(
+            f"- **Budget**: from step {last[0]} to {last[1]} the validation greedy accuracy (mean over seeds) changes "
+            f"by {min(rises.values()):+.3f} to {max(rises.values()):+.3f} across methods; "
+            + (
+                f"{len(flat)} of {len(rises)} methods change by less than {FLAT} (flat)."
+                if flat
+                else f"no method's curve is flat (|change| < {FLAT}): the budget ends before the curves flatten."
+            )
+        )
     if g:
         parts = []
         for decoding in ("greedy", "sampled"):
@@ -705,7 +799,40 @@ def verdict(data: dict[str, Any]) -> str:
         text += " On this task the paper's claim holds for every divergence and decoding tested."
     else:
         text += " The claim holds only where marked; it is not a general result here."
-    return text
+    return text + caveats(data)
+
+
+def caveats(data: dict[str, Any]) -> str:
+    """Computed caveats of the verdict: the size of the exposure bias, unflattened curves, lrs at the edge."""
+    t = data["exposure_bias"]["totals"]
+    notes = []
+    base, off = 1 - t["teacher_forced@result"]["agree"], 1 - t["own_off_path@result"]["agree"]
+    if base > 0 and t["own_off_path@result"]["tokens"]:
+        notes.append(
+            f"the start student's error rate on result tokens is {off / base:.1f}x as high on its own off-path "
+            f"prefixes as on the teacher's ({off:.3f} vs {base:.3f}), the room on-policy data has to help"
+        )
+    grid = [r for r in data["runs"] if r["phase"] == "grid" and len(r["curve"]) >= 2]
+    rising = {
+        r["method"]
+        for r in grid
+        if statistics.fmean(
+            q["curve"][-1]["eval/greedy/exact_match"] - q["curve"][-2]["eval/greedy/exact_match"]
+            for q in grid
+            if q["method"] == r["method"]
+        )
+        >= FLAT
+    }
+    if rising:
+        notes.append(
+            f"{len(rising)} of {len({r['method'] for r in grid})} methods' validation curves still rose by "
+            f">= {FLAT} over the last interval, so a longer budget could change the ranking"
+        )
+    sweep = [r for r in data["runs"] if r["phase"] == "sweep"]
+    edge = edge_note(sweep, data["chosen_lr"]).strip().rstrip(".")
+    if edge:
+        notes.append(edge[0].lower() + edge[1:])
+    return (" Caveats: " + "; ".join(notes) + ".") if notes else ""
 
 
 def plots(data: dict[str, Any], results: Path, name: str) -> list[str]:
@@ -713,18 +840,21 @@ def plots(data: dict[str, Any], results: Path, name: str) -> list[str]:
     plt = pyplot()
     names = []
     eb = data["exposure_bias"]["positions"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, label in (
-        ("teacher_forced", "teacher's prefixes"),
-        ("own_on_path", "own prefixes, on teacher's path"),
-        ("own_off_path", "own prefixes, off teacher's path"),
-    ):
-        xs = [n for n, c in enumerate(eb[kind]["count"]) if c >= 20]
-        ax.plot(xs, [1 - eb[kind]["agree"][n] / eb[kind]["count"][n] for n in xs], marker=".", label=label)
-    ax.set_xlabel("completion position (characters)")
-    ax.set_ylabel("disagreement with the teacher's argmax")
-    ax.set_title("E1 premise: exposure bias of the start student (positions with >= 20 tokens)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, suffix, what in zip(axes, ("", "@result"), ("every token", "result tokens (after '=')")):
+        for kind, label in (
+            ("teacher_forced", "teacher's prefixes"),
+            ("own_on_path", "own prefixes, on teacher's path"),
+            ("own_off_path", "own prefixes, off teacher's path"),
+        ):
+            k = kind + suffix
+            xs = [n for n, c in enumerate(eb[k]["count"]) if c >= 20]
+            ax.plot(xs, [1 - eb[k]["agree"][n] / eb[k]["count"][n] for n in xs], marker=".", label=label)
+        ax.set_xlabel("completion position (characters)")
+        ax.set_title(f"{what}; positions with >= 20 tokens")
+    axes[0].set_ylabel("disagreement with the teacher's argmax")
+    axes[0].legend()
+    fig.suptitle("E1 premise: exposure bias of the start student")
     fig.tight_layout()
     fig.savefig(results / f"{name}_exposure.png", dpi=120)
     plt.close(fig)
@@ -814,12 +944,15 @@ def report_body(args: argparse.Namespace, data: dict[str, Any]) -> str:
         f"JSD(0.5) at lambda 0 and 1, seed {args.sweep_seed}: validation greedy accuracy "
         f"({sizes['val']} problems) along training. Chosen per lambda: the best final accuracy "
         f"(lambda 0: {data['chosen_lr'].get('0', '-')}, lambda 1: {data['chosen_lr'].get('1', '-')}; SeqKD "
-        "takes lambda 0's). The budget is fixed by the CPU time; the curve shows whether it flattened.\n\n"
+        "takes lambda 0's). The budget is fixed by the CPU time; the curve shows whether it flattened."
+        + edge_note(sweep, data["chosen_lr"])
+        + "\n\n"
         + sweep_table(sweep, data["chosen_lr"])
         + "\nThe grid runs' validation curves (greedy accuracy, mean over seeds; the eval split is never used "
         "for any choice):\n\n"
         + curve_table([r for r in data["runs"] if r["phase"] == "grid"], list(data["methods"]))
         + "\n## Results on the eval split\n\n"
+        + not_run_note(data.get("not_run", []))
         + results_table(data["methods"], data["start_row"], data["teacher_row"])
         + "\n## On-policy gain per divergence\n\n"
         + gain_table(data["gains"])
@@ -880,6 +1013,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: report the grid runs already in <out>/runs.jsonl; the page lists the planned runs left out",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild <results>/<name>.md (and plots) from the committed <name>.json, with its settings; no training",
@@ -917,6 +1055,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = choose_lrs(sweep_runs)
     print(f"chosen learning rates on validation: {chosen}", flush=True)
     grid = grid_jobs(args, report, chosen)
+    not_run = []
+    if args.cached_only:
+        done = {r["key"] for r in read_runs(args.out / "runs.jsonl")}
+        not_run = [j.key for j in grid if j.key not in done]
+        grid = [j for j in grid if j.key in done]
     trained += runs_to_train(grid, args.out)
     grid_runs = run_jobs(
         grid, args.out, workers=args.workers, runner=partial(run_job, extra_eval=eval_after, build=build_e1)
@@ -931,6 +1074,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "teacher": scores["teacher"],
         "start_seconds": scores.get("seconds", 0.0),
         "runs": sweep_runs + grid_runs,
+        "not_run": not_run,
     }
     body = report_body(args, summarize(raw, args))
     return write_report(args.name, args, title=TITLE, body=body, data=raw, start=start, trained=trained)

@@ -17,7 +17,7 @@ token-level divergence (paper Eq. 2) is undefined. This module makes the two com
    first token's next-token distribution times the probability of the group's remaining actual
    tokens, ``m(v) = p_first(v) * prod_{k > first} p_k(y_k)`` (log space: a sum). A one-token group is
    just its next-token distribution.
-4. **ULD** (Universal Logit Distillation, Boizard et al. 2024, arXiv 2402.12030, Sec. 3): the
+4. **ULD** (Universal Logit Distillation, Boizard et al. 2024, arXiv 2402.12030): the
    Wasserstein-1 distance between the two vectors with a uniform transport cost has the closed form
    ``ULD(p, q) = sum_i |p_(i) - q_(i)|``, where ``p_(i)``, ``q_(i)`` are the probabilities sorted in
    decreasing order and the shorter vector is zero-padded to the larger vocabulary
@@ -71,6 +71,7 @@ __all__ = [
     "evaluate_cross",
     "group_logprobs",
     "sequence_logprob_gap",
+    "span_teacher_rewards",
     "student_rollout_from_texts",
     "uld_distance",
     "uld_terms",
@@ -179,7 +180,7 @@ def group_logprobs(logprobs: Tensor, token_ids: Tensor, starts: Tensor, stops: T
 
 
 def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
-    """Universal Logit Distillation distance (Boizard et al. 2024, arXiv 2402.12030, Sec. 3): ``(..., Vs), (..., Vt) -> (...)``.
+    """Universal Logit Distillation distance (Boizard et al. 2024, arXiv 2402.12030): ``(..., Vs), (..., Vt) -> (...)``.
 
     ``ULD(pS, pT) = sum_i |pS_(i) - pT_(i)|`` over the probabilities of each side sorted in decreasing
     order, the shorter vector zero-padded to ``max(Vs, Vt)``: the Wasserstein-1 distance between the
@@ -214,8 +215,8 @@ class TeacherView:
 
     Attributes:
         rollout: the teacher's own sequences (its prompt encoding + its tokens of the completion texts,
-            its EOS where the student's completion ended), scored: ``teacher_logits`` ``(B, T', Vt)`` raw
-            and ``teacher_logprobs`` of its tokens at ``teacher_temperature``.
+            its EOS where the student's completion ended), scored: ``teacher_logprobs`` of its tokens at
+            ``teacher_temperature`` and, when read with full logits, ``teacher_logits`` ``(B, T', Vt)`` raw.
         texts: the completion texts it read.
     """
 
@@ -318,7 +319,12 @@ class CrossTokenizerTeacher:
         return out
 
     def read(
-        self, student: Rollout, student_engine: RolloutEngine, *, teacher_temperature: float = 1.0
+        self,
+        student: Rollout,
+        student_engine: RolloutEngine,
+        *,
+        teacher_temperature: float = 1.0,
+        full_logits: bool = True,
     ) -> TeacherView:
         """Score the student's completions as text: the teacher's prompt + its tokens of the text.
 
@@ -326,12 +332,14 @@ class CrossTokenizerTeacher:
             student: a rollout of the student (prompt texts in ``texts``).
             student_engine: the student's engine (decodes its completions).
             teacher_temperature: temperature of the teacher's token log-probs (logits stay raw).
+            full_logits: keep the teacher's ``(B, T', Vt)`` logits (ULD needs them; the span rewards do not).
         """
         texts = student_engine.decode(student)
         stop = set(student_engine.stop_ids.tolist())
         ended = [bool(ids) and ids[-1] in stop for ids in (_row_ids(student, r) for r in range(len(student)))]
         view = self.engine.from_completions(student.texts, self.teacher_ids(texts, ended), append_eos=False)
-        self.engine.score(view, teacher_output="full", teacher_temperature=teacher_temperature)
+        output = "full" if full_logits else "none"
+        self.engine.score(view, teacher_output=output, teacher_temperature=teacher_temperature)
         return TeacherView(view, texts)
 
     @torch.no_grad()
@@ -401,6 +409,31 @@ def uld_terms(
         per_row.append(uld_distance(s_merged.exp(), t_merged.exp()).mean())
         has.append(True)
     return torch.stack(per_row), torch.tensor(has, device=s_logp.device)
+
+
+def span_teacher_rewards(
+    teacher_logprobs: Tensor, alignments: Sequence[RowAlignment], shape: tuple[int, int]
+) -> Tensor:
+    """The teacher's log-prob of each aligned span, placed at the span's last student token: ``(B, T)``.
+
+    ``out[b, s1 - 1] = sum_{k in [t0, t1)} log pT(teacher token k)`` for each group ``(s0, s1, t0, t1)``
+    of row ``b``; 0 elsewhere (inside a group, and at tokens in no group). Summed over a row it is
+    ``log pT`` of the aligned text: the cross-tokenizer form of the per-token environment reward
+    ``log pT(a_t | s_t)`` of paper 2306.13649 Eq. 5, credited when the student finishes a span.
+
+    Args:
+        teacher_logprobs: ``(B, T')`` the teacher's log-probs of its own tokens.
+        alignments: one :class:`RowAlignment` per row.
+        shape: ``(B, T)`` of the student's completion.
+    """
+    out = teacher_logprobs.new_zeros(shape)
+    csum = torch.cat([teacher_logprobs.new_zeros(shape[0], 1), teacher_logprobs.cumsum(-1)], dim=-1)
+    for b, a in enumerate(alignments):
+        if a.num_groups == 0:
+            continue
+        span = csum[b, a.teacher_stops] - csum[b, a.teacher_starts]  # (G,)
+        out[b].index_add_(0, a.student_stops - 1, span)
+    return out
 
 
 def sequence_logprob_gap(student_logprobs: Tensor, student_mask: Tensor, view: TeacherView) -> Tensor:

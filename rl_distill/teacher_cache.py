@@ -173,7 +173,11 @@ def _short(identity: Mapping[str, Any]) -> str:
 
 
 def compare_identity(
-    manifest: Mapping[str, Any], expected: Mapping[str, Any], folder: Path, field: str
+    manifest: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    folder: Path,
+    field: str,
+    hint: str = "rebuild it with rl-distill cache-teacher",
 ) -> None:
     """Refuse a cache whose teacher, tokenizer, scoring settings or data differ from ``expected``, naming both.
 
@@ -182,6 +186,7 @@ def compare_identity(
         expected: ``{"teacher", "tokenizer", "scoring", "data"}`` of the run.
         folder: the cache folder (for the message).
         field: the config field or option that names the folder (``agent.teacher_cache``, ``--out``).
+        hint: what to do about it, ending the message.
 
     Raises:
         TeacherCacheError: the first difference, with the cache's value and the run's.
@@ -190,12 +195,12 @@ def compare_identity(
     if (t_old["config_sha256"], t_old["weights_sha256"]) != (t_new["config_sha256"], t_new["weights_sha256"]):
         raise TeacherCacheError(
             f"{field}: the cache at {str(folder)!r} was built for teacher {_short(t_old)}, but model.teacher is "
-            f"{_short(t_new)}; rebuild it with rl-distill cache-teacher"
+            f"{_short(t_new)}; {hint}"
         )
     if manifest["tokenizer"]["sha256"] != expected["tokenizer"]["sha256"]:
         raise TeacherCacheError(
             f"{field}: the cache at {str(folder)!r} was built with tokenizer {_short(manifest['tokenizer'])}, but "
-            f"this run's tokenizer is {_short(expected['tokenizer'])}; rebuild it with rl-distill cache-teacher"
+            f"this run's tokenizer is {_short(expected['tokenizer'])}; {hint}"
         )
     for section in ("scoring", "data"):
         old, new = manifest[section], expected[section]
@@ -206,7 +211,7 @@ def compare_identity(
                 )
                 raise TeacherCacheError(
                     f"{field}: the cache at {str(folder)!r} has {what} = {old.get(key)!r}, but this run has "
-                    f"{new.get(key)!r}; rebuild it with rl-distill cache-teacher"
+                    f"{new.get(key)!r}; {hint}"
                 )
 
 
@@ -515,7 +520,9 @@ def build_teacher_cache(
     plan = {"format": CACHE_FORMAT, **expected, "num_examples": len(examples), "shard_size": shard_size}
     old = _read_manifest(folder) if folder.is_dir() else None
     if old is not None:
-        compare_identity(old, expected, folder, field)
+        compare_identity(
+            old, expected, folder, field, hint="choose another folder, or delete this one to rebuild it"
+        )
         if (old["num_examples"], old["shard_size"]) != (len(examples), shard_size):
             raise TeacherCacheError(
                 f"{field}: the cache at {str(folder)!r} is laid out as {old['num_examples']} examples in shards of "

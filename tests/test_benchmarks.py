@@ -14,9 +14,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import _harness as H  # noqa: E402
-from benchmarks import divergence_memory, onpolicy_overhead, profile_step, vs_trl  # noqa: E402
+from benchmarks import divergence_memory, onpolicy_overhead, perf_round2, profile_step, report_round2, vs_trl  # noqa: E402
 from benchmarks._methods import BenchSpec, aggregate, run_method  # noqa: E402
-from benchmarks._patches import FusedGradJSD, apply_patches, fused_jsd  # noqa: E402
+from benchmarks._patches import apply_patches  # noqa: E402
 
 TINY = BenchSpec(model="tiny", batch_size=2, max_new_tokens=6, steps=2, warmup=1)
 
@@ -63,29 +63,11 @@ def test_aggregate_pools_steps_and_tokens():
     assert agg["peak_rss_steps_mib"] == 200.0 and agg["peak_extra_over_setup_mib"] == 150.0
 
 
-def test_fused_grad_jsd_matches_the_library():
-    from rl_distill.divergences import generalized_jsd
-
-    torch.manual_seed(0)
-    t, s0 = torch.randn(10, 37) * 3, torch.randn(10, 37) * 3
-    t[0, 5] = float("-inf")  # a zero-probability teacher token
-    for temp in (1.0, 0.7):
-        s1 = s0.clone().requires_grad_(True)
-        ref = generalized_jsd(t[None], s1[None], beta=0.3, temperature=temp, reduction="token")[0]
-        (ref * torch.arange(10.0)).sum().backward()
-        s2 = s0.clone().requires_grad_(True)
-        index = (torch.arange(10),)
-        got = FusedGradJSD.apply(t, s2, index, 0.3, temp, 3)
-        (got * torch.arange(10.0)).sum().backward()
-        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("method", ["rss", "profiler"])
 def test_divergence_memory_variants_agree(method):
     results = {
         v: divergence_memory.measure(v, 2, 8, 64, beta=0.5, method=method, threads=2)
-        for v in ("chunked", "chunked:3", "fused_grad", "naive_stack", "naive_logaddexp")
+        for v in ("chunked", "chunked:3", "recompute", "recompute:3", "naive_stack", "naive_logaddexp")
     }
     losses = [r["loss"] for r in results.values()]
     grads = [r["grad_abs_sum"] for r in results.values()]
@@ -109,7 +91,7 @@ def test_profile_step_checks_and_experiments():
     assert "phases" in profile_step.format_report(res)
 
 
-@pytest.mark.parametrize("module", [vs_trl, profile_step, divergence_memory, onpolicy_overhead])
+@pytest.mark.parametrize("module", [vs_trl, profile_step, divergence_memory, onpolicy_overhead, perf_round2])
 def test_cli_help(module, capsys):
     with pytest.raises(SystemExit) as exc:
         module.main(["--help"])
@@ -139,37 +121,28 @@ def test_trl_methods(method):
         assert all(t <= TINY.batch_size * TINY.max_new_tokens for t in res["tokens_per_step"])
 
 
-def test_fused_jsd_sequence_reduction_with_mask_matches_the_library():
-    from rl_distill.divergences import generalized_jsd
+def _row_fn_calls(monkeypatch) -> list[int]:
+    """Count calls of the divergences' per-row autograd function (the recomputing path's work)."""
+    import rl_distill.divergences as div
 
-    torch.manual_seed(1)
-    t, s0 = torch.randn(3, 5, 17), torch.randn(3, 5, 17)
-    mask = torch.rand(3, 5) > 0.3
-    mask[2] = False  # an empty sequence gives 0
-    s1, s2 = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-    ref = generalized_jsd(t, s1, mask, beta=0.5, reduction="sequence")
-    got = fused_jsd(t, s2, mask, beta=0.5, reduction="sequence", chunk_rows=2)
-    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
-    (ref * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    (got * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-4, atol=1e-7)
+    calls = [0]
+    original = div._row_fn
 
+    def counting(*args, **kwargs):
+        fn = original(*args, **kwargs)
 
-def _graph_nodes(t: torch.Tensor) -> set[str]:
-    """Class names of the autograd nodes behind ``t``."""
-    names, seen, stack = set(), set(), [t.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
+        def rows(t, s):
+            calls[0] += 1
+            return fn(t, s)
+
+        return rows
+
+    monkeypatch.setattr(div, "_row_fn", counting)
+    return calls
 
 
-def test_fused_jsd_patch_gives_the_agents_loss_and_gradient(monkeypatch):
-    """The patched GKD agent takes the fused path and gets the unpatched loss and gradient."""
+def test_recompute_grad_switches_the_fused_gradient_off_with_the_same_loss_and_gradient(monkeypatch):
+    """``recompute_grad`` (lever 1 off): the agent's loss recomputes every chunk in backward; same numbers."""
     import rl_distill.agents.gkd as gkd
     import rl_distill.divergences as div
     from rl_distill.rollout import RolloutEngine
@@ -182,81 +155,150 @@ def test_fused_jsd_patch_gives_the_agents_loss_and_gradient(monkeypatch):
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     rollouts, _ = agent.collect([Example(prompt=p) for p in ("abc", "hello there", "x", "12 + 3")])
     vocab = rollouts[0].teacher_logits.shape[-1]
-    # Several chunks per rollout, and both paths must follow the library's default chunk.
-    monkeypatch.setattr(div, "DEFAULT_CHUNK_ELEMENTS", 3 * vocab)
+    monkeypatch.setattr(div, "DEFAULT_CHUNK_ELEMENTS", 3 * vocab)  # several chunks of 3 rows
+    rows = int(rollouts[0].completion_mask.sum())
+    chunks = -(-rows // 3)
+    calls = _row_fn_calls(monkeypatch)
 
-    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
         student.zero_grad(set_to_none=True)
         loss, _ = agent.loss(rollouts)
-        nodes = _graph_nodes(loss)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in student.parameters()], nodes
+        return loss.detach(), [p.grad.clone() for p in student.parameters()]
 
-    ref_loss, ref_grads, ref_nodes = loss_and_grads()
-    undo = apply_patches(["fused_jsd"])
+    ref_loss, ref_grads = loss_and_grads()
+    assert calls[0] == 0  # fused: the closed form in forward, backward only scales
+    undo = apply_patches(["recompute_grad"])
     try:
-        loss, grads, nodes = loss_and_grads()
+        loss, grads = loss_and_grads()
     finally:
         undo()
-    assert gkd.divergence is div.divergence  # undone
-    assert "_ChunkedRowsBackward" in ref_nodes and "FusedGradJSDBackward" not in ref_nodes
-    assert "FusedGradJSDBackward" in nodes and "_ChunkedRowsBackward" not in nodes  # the patch fired
+    assert calls[0] == 2 * chunks  # each chunk once in forward, once more in backward
+    assert div._row_value_and_grad.__name__ == "_row_value_and_grad"  # undone
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_jsd_default_chunk_is_the_librarys(monkeypatch):
-    import rl_distill.divergences as div
-    from benchmarks._patches import default_chunk_rows
-
-    assert default_chunk_rows(49152) == div.DEFAULT_CHUNK_ELEMENTS // 49152
-    monkeypatch.setattr(div, "DEFAULT_CHUNK_ELEMENTS", 2**20)
-    assert default_chunk_rows(49152) == 21 and default_chunk_rows(2**21) == 1
-
-
-def test_fused_jsd_patch_leaves_other_calls_to_the_library():
-    import rl_distill.agents.gkd as gkd
-    from rl_distill.divergences import generalized_jsd
-
-    torch.manual_seed(2)
-    t0, s0, mask = torch.randn(2, 4, 11), torch.randn(2, 4, 11), torch.ones(2, 4, dtype=torch.bool)
-    undo = apply_patches(["fused_jsd"])
-    try:
-        t, s = t0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
-        out = gkd.divergence("jsd", t, s, mask, beta=0.5, reduction="sequence")  # a teacher with grad
-        assert "FusedGradJSDBackward" not in _graph_nodes(out)
-        out.sum().backward()
-        assert t.grad is not None and t.grad.abs().sum() > 0
-        s64 = s0.double().requires_grad_(True)  # float64 stays float64, as in the library
-        got = gkd.divergence("jsd", t0.double(), s64, mask, beta=0.5, reduction="batch")
-        assert got.dtype == torch.float64 and "FusedGradJSDBackward" in _graph_nodes(got)
-        torch.testing.assert_close(got, generalized_jsd(t0.double(), s0.double(), mask, beta=0.5))
-        with pytest.raises(ValueError, match="shape"):
-            gkd.divergence("jsd", t0, s0[..., :5], mask)
-    finally:
-        undo()
-
-
-def test_fused_grad_jsd_backward_runs_once():
-    t, s = torch.randn(1, 3, 7), torch.randn(1, 3, 7, requires_grad=True)
-    loss = fused_jsd(t, s, torch.ones(1, 3, dtype=torch.bool), beta=0.5, reduction="batch")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="only once"):
-        loss.backward()
-
-
 def test_removed_patches_are_unknown():
-    for name in ("inverse_cdf_sampling", "small_chunks"):
+    for name in ("inverse_cdf_sampling", "small_chunks", "fused_jsd"):
         with pytest.raises(ValueError, match="unknown patch"):
             apply_patches([name])
 
 
-def test_ours_recommended_runs():
-    import rl_distill.agents.gkd as gkd
+def test_ours_recompute_and_bf16_run_and_split_the_update():
     import rl_distill.divergences as div
 
-    res = run_method("ours_recommended", TINY)
-    assert res["method"] == "ours_recommended" and res["patches"] == ["fused_jsd"]
-    assert len(res["step_seconds"]) == TINY.steps
-    assert gkd.divergence is div.divergence  # undone after the run
+    res = run_method("ours_recompute", TINY)
+    assert res["method"] == "ours_recompute" and res["patches"] == ["recompute_grad"]
+    assert div._row_value_and_grad.__name__ == "_row_value_and_grad"  # undone after the run
+    bf16 = run_method("ours", BenchSpec(**{**TINY.__dict__, "precision": "bf16"}))
+    for r in (res, bf16):
+        phases = r["phase_seconds"]
+        assert len(phases["divergence"]) == TINY.steps and all(v > 0 for v in phases["divergence"])
+        for i in range(TINY.steps):  # the sub-phases add up to the agent's own student-update time
+            parts = phases["student_forward"][i] + phases["divergence"][i] + phases["backward_and_step"][i]
+            assert parts == pytest.approx(phases["student_update"][i])
+    assert bf16["spec"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        BenchSpec(precision="fp16")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "bf16", "checkpointing"),
+    [({"precision": "bf16"}, True, False), ({"trl_defaults": True}, True, True), ({}, False, False)],
+)
+def test_trl_precision_and_defaults(overrides, bf16, checkpointing):
+    pytest.importorskip("trl")
+    from benchmarks._methods import _trl_precision_args
+
+    spec = BenchSpec(**{**TINY.__dict__, **overrides})
+    args = _trl_precision_args(spec)
+    if overrides.get("trl_defaults"):
+        assert args == {}  # TRL's own defaults: nothing passed
+        res = run_method("trl_distillation", spec)
+        assert res["trl_config"]["bf16"] is bf16
+        assert res["trl_config"]["gradient_checkpointing"] is checkpointing
+    else:
+        assert args["bf16"] is bf16 and args["activation_checkpointing"] is checkpointing
+
+
+def _run(repeat: int, tps: float, rss: float) -> dict:
+    return {"repeat": repeat, "step_seconds": [128 / tps], "tokens_per_step": [128], "median_step_seconds": 128 / tps,
+            "tokens_per_second": tps, "peak_rss_steps_mib": rss, "load_average_before": [0.5]}  # fmt: skip
+
+
+def test_pair_ratios_are_per_repeat_and_the_headline_is_their_median():
+    data = {
+        "steps": {
+            "configs": {"ours": {}, "trl_distillation": {}},
+            "runs": {
+                "ours": [_run(1, 100.0, 900.0), _run(2, 90.0, 1000.0), _run(3, 120.0, 950.0)],
+                "trl_distillation": [
+                    _run(1, 50.0, 1000.0),
+                    _run(2, 60.0, 1000.0),
+                    _run(3, 40.0, 1000.0),
+                    {"repeat": 4, "error": "boom"},
+                ],  # fmt: skip
+            },
+        }
+    }
+    p = report_round2.pair_ratios(data, "ours", "trl_distillation")
+    assert p["ratios"] == [2.0, 1.5, 3.0] and p["median"] == 2.0 and (p["min"], p["max"]) == (1.5, 3.0)
+    assert p["rss_max"] == 1.0 and p["rss_median"] == 0.95
+    assert (
+        report_round2.config_summary(data, "trl_distillation")["repeats"] == 3
+    )  # the failed run is left out
+    assert "median **2.00x** (min-max 1.50-3.00x" in report_round2._spread(p)
+
+
+def test_quality_facts_mean_std_and_spread(tmp_path):
+    for precision, seed, jsd in (("fp32", 0, 0.30), ("fp32", 1, 0.28), ("fp32", 2, 0.26), ("bf16", 1, 0.27)):
+        run = tmp_path / f"{precision}_s{seed}"
+        run.mkdir()
+        summary = {"before": {"eval/jsd": 0.6}, "after": {"eval/jsd": jsd}, "train_seconds": 1.0}
+        (run / "summary.json").write_text(json.dumps(summary))
+    data = {"quality": perf_round2.collect_quality(tmp_path)}
+    q = report_round2.quality_facts(data, tmp_path)  # no round-1 fallback files in tmp_path
+    f, b = q["fp32_stats"], q["bf16_stats"]
+    assert f["n"] == 3 and f["mean"] == pytest.approx(0.28) and f["std"] == pytest.approx(0.02)
+    assert b["n"] == 1 and q["within"]  # 0.27 lies in [0.26, 0.30]
+    (tmp_path / report_round2.FILE).write_text(json.dumps(data))
+    block = report_round2.quality_block(tmp_path)
+    assert "| 0 | 0.3000 | not run |" in block and "| 1 | 0.2800 | 0.2700 |" in block
+    assert "**inside** the fp32 seeds' range (0.2600-0.3000)" in block
+
+
+def test_perf_round2_smoke_and_report(tmp_path):
+    """The driver end to end at tiny sizes (floors, decode, one step configuration, quality), then its blocks."""
+    runs = tmp_path / "quality"
+    for precision in ("fp32", "bf16"):
+        (runs / f"{precision}_s1").mkdir(parents=True)
+        (runs / f"{precision}_s1" / "summary.json").write_text(
+            json.dumps({"before": {"eval/jsd": 0.6}, "after": {"eval/jsd": 0.3}})
+        )
+    out = tmp_path / "perf_round2.json"
+    threads = torch.get_num_threads()
+    try:
+        data = perf_round2.main(
+            ["--model", "tiny", "--sections", "floors", "decode", "steps", "quality", "--configs", "ours",
+             "ours_recompute", "--repeats", "1", "--steps", "1", "--threads", "1", "--batch-size", "2",
+             "--max-new-tokens", "4", "--quality-dir", str(runs), "--out", str(out)]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == data
+    assert data["floors"]["bandwidth_gb_per_s"] > 0 and data["floors"]["matmul_float32_gflops"] > 0
+    dec = data["decode"]
+    assert (
+        dec["fp32"]["static_vs_dynamic_max_abs_logit_diff"] < 1e-4
+    )  # the static cache computes the same logits
+    assert set(data["steps"]["runs"]) == {"ours", "ours_recompute"}
+    assert [r["repeat"] for r in data["steps"]["runs"]["ours"]] == [1]
+    assert len(data["invocations"]) == 1 and data["invocations"][0]["command"].startswith(
+        "python benchmarks/"
+    )
+    blocks = {name: fn(tmp_path) for name, fn in report_round2.BLOCKS.items()}
+    assert "| 1 | 0.3000 | 0.3000 |" in blocks["r2_quality"]
+    assert "lever 1: fused vs recompute" in blocks["r2_ratios"] and "not measured" in blocks["r2_ratios"]
+    assert "sum of phases" in blocks["r2_phases"] and "not measured" in blocks["r2_summary"]

@@ -15,6 +15,7 @@ from rl_distill.cross_tokenizer import (
     char_ends,
     evaluate_cross,
     group_logprobs,
+    span_teacher_rewards,
     uld_distance,
     uld_terms,
 )
@@ -79,6 +80,25 @@ def test_group_logprobs_hand_computed():
     merged = group_logprobs(logp, ids, torch.tensor([0, 2]), torch.tensor([2, 3])).exp()
     # group 0 = tokens 0, 1: p0(v) * p1(y1 = 1) = [0.6, 0.4] * 0.7; group 1 = token 2 alone
     torch.testing.assert_close(merged, torch.tensor([[0.42, 0.28], [0.9, 0.1]]))
+
+
+def test_span_teacher_rewards_hand_computed():
+    """Each span's teacher log-prob lands on its last student token; a row sums to log pT of the text."""
+    from rl_distill.cross_tokenizer import RowAlignment
+
+    t_logp = torch.tensor([[-0.1, -0.2, -0.3, -0.4, -0.5]])  # teacher tokens "1" "2" "+" "3" <eos>
+    # student "12" "+" "3" <eos>: groups (0,1,0,2) (1,2,2,3) (2,3,3,4) (3,4,4,5)
+    a = RowAlignment(
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([1, 2, 3, 4]),
+        torch.tensor([0, 2, 3, 4]),
+        torch.tensor([2, 3, 4, 5]),
+        4,
+        4,
+    )
+    out = span_teacher_rewards(t_logp, [a], (1, 5))  # one padded student column
+    torch.testing.assert_close(out, torch.tensor([[-0.3, -0.3, -0.4, -0.5, 0.0]]))
+    assert float(out.sum()) == pytest.approx(float(t_logp.sum()))
 
 
 # --- ULD ------------------------------------------------------------------------------------
@@ -207,6 +227,24 @@ def test_on_policy_uld_lowers_the_heldout_uld_distance(pair):
     assert before["aligned_fraction"] > 0.5
 
 
+def test_span_policy_gradient_lowers_the_sequence_level_reverse_kl(pair):
+    """The identity-aware on-policy term: REINFORCE on span rewards lowers log pS(y) - log pT(text)."""
+    agent, engine, cross = _agent(pair, lmbda=1.0, uld_weight=0.0, pg_weight=1.0)
+    train = [Example(f"{a}+{b}=") for a in range(6) for b in range(6)]
+    held_out = [f"{a}-{b}=" for a in range(4) for b in range(2)]
+    sampling = SamplingConfig(max_new_tokens=6)
+
+    def measure():
+        return evaluate_cross(engine, cross, held_out, sampling, generator=torch.Generator().manual_seed(1))
+
+    before = measure()
+    for step in range(25):
+        stats = agent.update(train[(step * 4) % 36 : (step * 4) % 36 + 4])
+        assert stats["train/skipped"] == 0.0 and "train/pg_loss" in stats
+    after = measure()
+    assert after["reverse_kl_seq"] < 0.7 * before["reverse_kl_seq"], (before, after)
+
+
 def test_seqkd_special_case_is_cross_entropy_on_teacher_text(pair):
     agent, engine, cross = _agent(pair, lmbda=0.0, uld_weight=0.0, ce_weight=1.0)
     stats = agent.update([Example("1+2="), Example("3+4=")])
@@ -216,8 +254,9 @@ def test_seqkd_special_case_is_cross_entropy_on_teacher_text(pair):
 
 def test_agent_and_config_checks(pair):
     assert AGENTS["uld"] == (ULDAgent, ULDConfig)
-    with pytest.raises(ValueError, match="uld_weight 0 leaves only the cross-entropy"):
+    with pytest.raises(ValueError, match="uld_weight 0 leaves no loss"):
         ULDConfig(uld_weight=0.0, lmbda=1.0)
+    ULDConfig(uld_weight=0.0, lmbda=1.0, pg_weight=1.0)  # the span-reward policy gradient alone
     with pytest.raises(ValueError, match="ce_weight must be >= 0"):
         ULDConfig(ce_weight=-1.0)
     with pytest.raises(ValueError, match="no reward term"):
@@ -225,6 +264,12 @@ def test_agent_and_config_checks(pair):
     _, _, student, s_tok = pair
     with pytest.raises(ValueError, match="set model.cross_tokenizer: uld"):
         ULDAgent(RolloutEngine(student, None, s_tok), torch.optim.SGD(student.parameters(), lr=0.1))
+
+
+def test_every_uld_config_field_has_a_docstring():
+    from test_agents import test_every_config_field_has_a_docstring as check_field_docstrings
+
+    check_field_docstrings(ULDConfig)
 
 
 def test_the_mismatch_error_names_the_option(pair):

@@ -94,9 +94,13 @@ def test_e1_smoke_resume_and_report_only(tmp_path, arithmetic_artifacts):
     assert (tmp_path / "runs" / "runs.jsonl").read_text().splitlines() == lines
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in runs]
     e1.main(["--report-only", "--results", str(tmp_path / "res")])
-    assert (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text().split("- Raw data")[1] == md.split(
-        "- Raw data"
-    )[1]
+    rebuilt = (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text()
+    assert rebuilt.split("- Raw data")[1] == md.split("- Raw data")[1]
+    # --cached-only trains nothing and names the planned runs it leaves out (here seed 1's)
+    part = e1.main([*argv, "--seeds", "0", "1", "--cached-only"])
+    assert (tmp_path / "runs" / "runs.jsonl").read_text().splitlines() == lines
+    assert part["not_run"] == ["grid|gkd_l0_jsd0.5|lr=0.001|seed=1", "grid|gkd_l1_jsd0.5|lr=0.001|seed=1"]
+    assert "**Incomplete grid**: 2 planned runs" in (tmp_path / "res" / "e1_on_vs_off_policy.md").read_text()
 
 
 def test_e1_method_grid_matches_the_issue():
@@ -152,6 +156,13 @@ def test_e1_statistics_by_hand():
     e1 = load_example("e1_on_vs_off_policy")
     assert e1.step_accuracy("12+7=19. 19-5=13. #### 13") == (1, 2)
     assert e1.step_accuracy("#### 5") == (0, 0)
+    from rl_distill.models import char_tokenizer
+
+    tok = char_tokenizer()
+    text = "1+2=3. 3-1=12."
+    ids = torch.tensor([tok.convert_tokens_to_ids(list(text))])
+    marks = e1.result_positions(ids, tok.convert_ids_to_tokens(list(range(len(tok)))))[0].tolist()
+    assert "".join("r" if m else "." for m in marks) == "....rr.....rrr"  # after "=", to the closing "."
     # two seeds x four problems: per-problem means 1, .5, .5, 0 -> mean .5, sd sqrt(1/6); seeds .75 and .25
     s = e1.accuracy_summary([[1, 1, 1, 0], [1, 0, 0, 0]])
     assert s["mean"] == 0.5 and s["seed_std"] == pytest.approx(0.5 / 2**0.5)
@@ -202,19 +213,58 @@ def test_e2_smoke(tmp_path, factual_artifacts):
     assert e2.rouge_n("", "a b") == 0.0
     data = e2.main(
         io_args(factual_artifacts, tmp_path)
-        + "--seeds 0 --alphas 0 1 --train-steps 2 --batch-size 4 --max-new-tokens 16 --eval-samples 2 --workers 1".split()
+        + "--seeds 0 --alphas 0 1 --train-steps 2 --batch-size 4 --max-new-tokens 16 --eval-samples 2 --workers 1"
+        " --lr-sweep 1e-4 3e-4 --num-val 2 --rlef-alpha 0.5".split()
     )
-    assert sorted(r["alpha"] for r in data["runs"]) == [0.0, 1.0]
-    for r in data["runs"]:
+    assert sorted(r["method"] for r in data["runs"]) == ["RLEF*", "alpha=0.0", "alpha=1.0"]
+    sweep = data["sweep"]
+    assert [row["lr"] for row in sweep["table"]] == [1e-4, 3e-4] and sweep["lr"] in (1e-4, 3e-4)
+    assert {r["lr"] for r in data["runs"]} == {sweep["lr"]}
+    rlef = next(r for r in data["runs"] if r["method"] == "RLEF*")
+    assert rlef["job"]["teacher"] == rlef["job"]["student"] == str(factual_artifacts / "student")
+    for r in data["runs"] + sweep["runs"]:
         for decoding in ("sampled", "greedy"):
-            assert 0.0 <= r["extra"][f"{decoding}/hallucination_rate"] <= 1.0
-            assert 0.0 <= r["extra"][f"{decoding}/rouge2"] <= 1.0
-    assert set(data["reference_points"]) == {"teacher", "student before"}
+            for key in ("hallucination_rate", "claim_hallucination", "claim_coverage", "rouge2", "rouge2_alt"):
+                assert 0.0 <= r["extra"][f"{decoding}/{key}"] <= 1.0
+            multi = r["extra"][f"{decoding}/rouge2_multi"]
+            assert max(r["extra"][f"{decoding}/rouge2"], r["extra"][f"{decoding}/rouge2_alt"]) <= multi + 1e-12
+    # The sweep is evaluated on validation passages, the main runs on the held-out ones.
+    assert {r["phase"] for r in sweep["runs"]} == {"sweep"} and {r["phase"] for r in data["runs"]} == {"main"}
+    assert set(data["reference_points"]) == {
+        "teacher", "student before", "teacher (validation)", "student before (validation)"
+    }  # fmt: skip
     md = (tmp_path / "res" / "e2_factuality.md").read_text()
-    assert "student, alpha = 0.0" in md and "Claim" in md
+    assert "student, alpha = 0.0" in md and "RLEF* (KL to the start, alpha = 0.5)" in md and "(chosen)" in md
     assert (tmp_path / "res" / "e2_factuality.png").stat().st_size > 0
+    again = e2.main(["--report-only", "--results", str(tmp_path / "res")])
+    rebuilt = (tmp_path / "res" / "e2_factuality.md").read_text()
+    assert again == data and rebuilt.split("- Raw data:")[1] == md.split("- Raw data:")[1]
     with pytest.raises(SystemExit, match="alphas"):
         e2.main(["--artifacts", str(factual_artifacts), "--alphas", "1.5"])
+
+
+def test_e2_claim_check_and_references_by_hand():
+    from rl_distill.tasks import load_task
+
+    e2 = load_example("e2_factuality")
+    source = "Anna Berg was born in Oslo in 1987. Berg later wrote 12 books."
+    # Passage claims: Anna, Berg, Oslo, 1987, 12 ("Berg" twice is one claim).
+    assert e2.claims(source) == {"Anna", "Berg", "Oslo", "1987", "12"}
+    assert e2.claim_check("Anna Berg, born in Oslo in 1987, wrote 12 books.", source) == (False, 1.0)
+    assert e2.claim_check("Anna Berg wrote 12 books.", source) == (False, 0.6)
+    assert e2.claim_check("Anna Berg, born in Lima in 1987.", source) == (True, 0.6)
+    assert e2.claim_check("The books: 1912.", source) == (True, 0.0)  # "12" inside "1912" is not "12"
+    assert e2.claim_check("", source) == (False, 0.0)
+    task = load_task("factual_summary", seed=0, num_train=40, num_eval=4, hallucination_rate=0.5)
+    corrupted = [ex for ex in task.train if ex.metadata["hallucinated"]]
+    for ex in corrupted[:5]:
+        clean = e2.clean_reference(ex)
+        assert clean != ex.reference and e2.claim_check(clean, ex.metadata["source"])[0] is False
+        assert e2.claim_check(ex.reference, ex.metadata["source"])[0] is True
+    for ex in task.eval:
+        assert e2.clean_reference(ex) == ex.reference  # eval references are clean already
+        alt = e2.alt_reference(ex)
+        assert alt != ex.reference and e2.claim_check(alt, ex.metadata["source"]) == (False, 1.0)
 
 
 def test_e3_smoke(tmp_path, arithmetic_artifacts):

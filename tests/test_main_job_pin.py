@@ -1,8 +1,12 @@
 """The refactors of issue #12 must not change a correct run: the main job's first 10 steps are pinned.
 
 ``tests/data/main_job_10_steps.json`` was written by ``python tests/pin_main_job.py`` at commit 528ac33,
-before the structure refactor (one agent-config base, one reward path, ``build_run``). On the CPU
-model it was recorded on, a run of the current code must reproduce every logged number bit for bit.
+before the structure refactor (one agent-config base, one reward path, ``build_run``), and re-recorded
+once since, for a deliberate numerical change: the closed-form divergence gradient (issue #18), which
+rounds differently from autograd (1e-4 relative in the gradient, float64 reference closer for the new
+path); the evaluation before training and the first step's loss stayed bit-identical, later steps
+sample other tokens. On the CPU model it was recorded on, a run of the current code must reproduce
+every logged number bit for bit.
 On another CPU model the kernels (and so the last bits) differ; there the evaluation before training
 (no sampling feedback yet) and the first step's loss must agree to 1e-4.
 """

@@ -28,8 +28,6 @@ BENCH = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODE_SEEKING = ("rkl", "jsd0.5", "jsd0.9")
-
 
 # --- helpers ------------------------------------------------------------------------------------
 def doc(name: str) -> str:
@@ -119,7 +117,7 @@ def e1_facts(name: str = "e1_on_vs_off_policy.json") -> dict:
         per_problem = [statistics.fmean(row[i] for row in rows) for i in range(n)]
         per_seed = [statistics.fmean(row) for row in rows]
         half = 1.959964 * statistics.stdev(per_problem) / n**0.5
-        return statistics.fmean(per_problem), half, statistics.stdev(per_seed) if len(rows) > 1 else 0.0
+        return statistics.fmean(per_problem), half, statistics.stdev(per_seed) if len(rows) > 1 else None
 
     acc = {(m, d): summary(matrix(rs, d)) for m, rs in groups.items() for d in ("greedy", "sampled")}
     single = {
@@ -162,8 +160,32 @@ def e1_facts(name: str = "e1_on_vs_off_policy.json") -> dict:
     }
 
 
-def ci_cell(mean: float, half: float, sd: float) -> str:
-    return f"{mean:.3f} [{max(0.0, mean - half):.3f}, {min(1.0, mean + half):.3f}] (± {sd:.3f})"
+def ci_cell(mean: float, half: float, sd: float | None = None) -> str:
+    """An E1 accuracy cell: mean [95% interval over problems] (± std over seeds; none for one model)."""
+    spread = f" (± {sd:.3f})" if sd is not None else ""
+    return f"{mean:.3f} [{max(0.0, mean - half):.3f}, {min(1.0, mean + half):.3f}]{spread}"
+
+
+E1_DIVERGENCES = {"fkl": "forward KL", "rkl": "reverse KL", "jsd0.5": "JSD(0.5)"}
+
+
+def e1_headline_phrases() -> list[str]:
+    """The E1 phrases experiments.md and the README quote: start vs teacher, the exposure-bias ratio and
+    the on-policy gains, as the E1 page's gain table prints them (itself checked against the JSON)."""
+    f = e1_facts()
+    gains = table_rows(doc("e1_on_vs_off_policy.md"), "| divergence | greedy gain")
+    seeds = {len(rs) for rs in f["groups"].values()}
+    t = f["totals"]
+    base, off = 1 - t["teacher_forced@result"][0], 1 - t["own_off_path@result"][0]
+    phrases = [
+        f"start {f['single']['start']['greedy'][0]:.3f} greedy vs teacher {f['single']['teacher']['greedy'][0]:.3f}",
+        f"{min(seeds)} seeds",
+        f"{off / base:.1f}x as often on the result tokens of its own off-path prefixes as on the teacher's "
+        f"({off:.3f} vs {base:.3f})",
+    ]
+    for div, label in E1_DIVERGENCES.items():
+        phrases.append(f"{label} {gains[div][0]} greedy, {gains[div][2]} sampled")
+    return phrases
 
 
 def throughput(data: dict, peer: str = "trl_gkd") -> float:
@@ -258,7 +280,10 @@ def test_e1_tables_match_the_runs():
     rows = table_rows(md, "| method | lr | greedy accuracy |")
     for who in ("start", "teacher"):
         cells = rows["student start" if who == "start" else "teacher"]
-        assert cells[1:3] == [ci_cell(*f["single"][who]["greedy"]), ci_cell(*f["single"][who]["sampled"])]
+        assert cells[1:3] == [
+            ci_cell(*f["single"][who]["greedy"][:2]),
+            ci_cell(*f["single"][who]["sampled"][:2]),
+        ]
     for method, runs in f["groups"].items():
         cells = rows[method]
         assert cells[0] == f"{runs[0]['lr']:g}" and all(r["lr"] == runs[0]["lr"] for r in runs)
@@ -291,6 +316,8 @@ def test_e1_tables_match_the_runs():
     for kind, label in labels.items():
         agree, tokens = f["totals"][kind]
         assert eb[label][:2] == [str(tokens), f"{agree:.3f}"], kind
+        agree, tokens = f["totals"][kind + "@result"]
+        assert eb[label][3:5] == [str(tokens), f"{agree:.3f}"], kind
 
 
 def test_e1_findings_state_what_the_json_says():
@@ -312,8 +339,12 @@ def test_e1_findings_state_what_the_json_says():
     assert f"on-policy data is detectably better in {higher}" in md
     assert f"detectably worse in {lower}" in md
     t = f["totals"]
-    assert f"disagrees with the teacher's next token on {1 - t['teacher_forced'][0]:.3f}" in md
-    assert f"and on {1 - t['own'][0]:.3f} of its own ({1 - t['own_on_path'][0]:.3f} while" in md
+    for suffix, what in (("", "tokens"), ("@result", "result tokens (after `=`)")):
+        assert (
+            f"{1 - t['teacher_forced' + suffix][0]:.3f} of the {what} of the teacher's completions and on "
+            f"{1 - t['own' + suffix][0]:.3f} of its own ({1 - t['own_on_path' + suffix][0]:.3f} while its prefix "
+            f"is still the teacher's, {1 - t['own_off_path' + suffix][0]:.3f} once it has left it"
+        ) in md
 
 
 # --- E2, E3, E4 ---------------------------------------------------------------------------------
@@ -341,43 +372,55 @@ def test_e3_tables_match_the_runs():
         assert var[method][0] == f"{v['relative_variance']:.2f}"
 
 
+def wilson95(successes: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval, written out independently of the E4 script."""
+    z = 1.959964
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def test_e4_tables_match_the_runs():
     data, md = raw("e4_smollm2.json"), doc("e4_smollm2.md")
-    assert f"| teacher (SmolLM2-135M-Instruct) | {data['teacher']['accuracy']:.3f} |" in md
-    rows = table_rows(md, "| model | JSD(0.5) |")
-    assert rows["student at start"][2] == f"{data['runs'][0]['before']['eval/reverse_kl']:.3f}"
+    teacher, warm, n = data["teacher"], data["warm"], data["teacher"]["n"]
+    assert n >= 200 and len(warm["warm"]["greedy_per_prompt"]) == n
+
+    def acc(p):
+        lo, hi = wilson95(p * n, n)
+        return f"{p:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    rows = table_rows(md, "| model | greedy accuracy [95% CI] |")
+    assert rows["teacher (SmolLM2-135M-Instruct, 30 layers)"][0] == acc(teacher["accuracy"])
+    assert teacher["accuracy"] == sum(teacher["per_prompt"]) / n
+    assert rows["chance: always the most frequent answer"][0] == acc(teacher["chance"]["most_frequent"])
+    start = warm["warm"]
+    assert rows["student after warm-up (start of every run)"][:2] == [acc(start["greedy"]), f"{start['sampled']:.3f}"]
     for alpha, runs in by_method(data["runs"], "alpha").items():
-        label = "on-policy GKD (alpha=1)" if alpha == 1.0 else f"RL + GKD (alpha={alpha:g})"
-        assert rows[label][2] == pm(*stats(r["after"]["eval/reverse_kl"] for r in runs))
+        label = {1.0: "on-policy GKD (alpha=1)", 0.0: "RL only (alpha=0)"}.get(alpha, f"RL + GKD (alpha={alpha:g})")
+        mean, sd = stats(r["extra"]["greedy"] for r in runs)
+        lo, hi = wilson95(mean * n, n)
+        assert rows[label][0] == f"{mean:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert rows[label][1] == pm(*stats(r["extra"]["sampled"] for r in runs))
+    changes = table_rows(md, "| run | greedy change [95% CI] |")
+    for r in data["runs"]:
+        diffs = [a - b for a, b in zip(r["extra"]["greedy_per_prompt"], start["greedy_per_prompt"], strict=True)]
+        mean, sd = stats(diffs)
+        half = 1.959964 * sd / n**0.5
+        cell = changes[f"alpha={r['alpha']:g}, seed {r['seed']}"][0]
+        assert cell == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+        assert r["extra"]["greedy"] == pytest.approx(sum(r["extra"]["greedy_per_prompt"]) / n)
+    divs = table_rows(md, "| model | JSD(0.5) |")
+    assert divs["warm student (start)"][2] == f"{data['runs'][0]['before']['eval/reverse_kl']:.3f}"
+    for alpha, runs in by_method(data["runs"], "alpha").items():
+        label = {1.0: "on-policy GKD (alpha=1)", 0.0: "RL only (alpha=0)"}.get(alpha, f"RL + GKD (alpha={alpha:g})")
+        assert divs[label][2] == pm(*stats(r["after"]["eval/reverse_kl"] for r in runs))
 
 
 # --- experiments.md -----------------------------------------------------------------------------
 def test_experiments_summary_numbers():
     md = " ".join(doc("experiments.md").split())  # prose wraps anywhere
-    f = e1_facts()
-    rkl0 = f["before"]["eval/reverse_kl"]
-    assert f"{f['within']} of {f['n']} methods end within one std over seeds" in md
-    assert f"the 13th (`gkd_l0.5_rkl`) {abs(f['outside']['gkd_l0.5_rkl']):.1f} std *below*" in md
-    assert f"JSD(0.9): {span(f['seeking'])} vs {span(f['off'])} off-policy" in md
-    assert "(" + ", ".join(f"{v:.3f}" for v in f["fkl_arms"]) + ")" in md
-    l05 = [f["rkl"][f"gkd_l0.5_{d}"] for d in MODE_SEEKING]
-    l1 = [f["rkl"][f"gkd_l1_{d}"] for d in MODE_SEEKING]
-    assert f"{span(l05)} at lambda 0.5 and {span(l1)} at lambda 1" in md
-    assert f"Start {rkl0:.3f}; off-policy methods {span(f['off'])}" in md
-    pools = {
-        "off-policy methods (SFT, supervised KD, SeqKD)": lambda m: m in ("sft", "supervised_kd", "seqkd"),
-        "GKD lambda = 0.5": lambda m: m.startswith("gkd_l0.5_"),
-        "on-policy GKD lambda = 1": lambda m: m.startswith("gkd_l1_"),
-    }
-    for label, member in pools.items():
-        runs = [r for r in f["main"] if member(r["method"])]
-        assert f"{label} {pm(*stats(r['after']['eval/greedy/exact_match'] for r in runs))}" in md, label
-    for entry in f["data"]["length"].values():
-        g = stats(entry["gains"])
-        assert f"{g[0]:+.3f} ± {g[1]:.3f}" in md
-    long = e1_facts("e1_long_budget.json")
-    for method in ("supervised_kd", "gkd_l1_fkl"):
-        assert pm(*long["acc"][method]) in md
+    for phrase in e1_headline_phrases():
+        assert phrase in md, phrase
     # E2 at lr 1e-4, E3, E4
     lr = raw("e2_factuality_lr1e-4.json")
     hall = {
@@ -439,22 +482,8 @@ def test_readme_performance_headline():
 def test_readme_experiments_headline():
     row = next(line for line in readme_results().splitlines() if line.startswith("| experiments E1-E4"))
     f = e1_facts()
-    within, n = grab(r"\*\*E1\*\*.*?(\d+) of (\d+) methods end within one std over seeds", row)
-    assert (int(within), int(n)) == (f["within"], f["n"])
-    assert grab(r"the ([\d.]+) start's greedy accuracy, `gkd_l0.5_rkl` ([\d.]+) std below", row) == (
-        f"{f['before']['eval/greedy/exact_match']:.3f}",
-        f"{abs(f['outside']['gkd_l0.5_rkl']):.1f}",
-    )
-    assert grab(
-        r"([\d.]+) -> ([\d.-]+) for reverse KL, JSD\(0.5\), JSD\(0.9\) at lambda 0.5 and 1 vs ([\d.-]+) off-policy",
-        row,
-    ) == (
-        f"{f['before']['eval/reverse_kl']:.3f}",
-        span(f["seeking"]),
-        span(f["off"]),
-    )
-    assert grab(r"forward KL ends higher, ([\d.-]+)", row) == (span(f["fkl_arms"]),)
-    assert "on-policy GKD lowers the reverse KL" not in row and "for every method" not in row
+    for phrase in e1_headline_phrases():
+        assert phrase in row, phrase
     # E2 (lr 1e-4 and 5e-4)
     lr = raw("e2_factuality_lr1e-4.json")
     by_alpha = by_method(lr["runs"], "alpha")
@@ -548,7 +577,7 @@ def test_performance_blocks_are_generated_from_the_json():
 def test_performance_headline_is_the_median_over_the_recorded_runs():
     page = doc("performance.md")
     p = perf_facts()
-    summary = page[page.index("## Summary") : page.index("## 1.")]
+    summary = page[page.index("## Round 1 summary") : page.index("## H1.")]
     median, lo, hi = grab(
         r"median \*\*([\d.]+)x\*\* generated tokens/s over the 4 recorded runs \(min-max ([\d.]+)-([\d.]+)x\)",
         summary,
@@ -593,7 +622,8 @@ def test_performance_raw_rows_name_only_patches_that_ran():
     """``inverse_cdf_sampling`` did something only before 07b5d6f (``vs_trl.json``); rows that name it
     after that were deleted (issue #12), and no row names a patch that never existed."""
     before_07b5d6f = {"vs_trl.json"}
-    known = {"fused_jsd", "small_chunks", "inverse_cdf_sampling"}  # small_chunks: 2**20 vs the then 2**22
+    # small_chunks: 2**20 vs the then 2**22; recompute_grad: the library's fused gradient off (issue #18)
+    known = {"fused_jsd", "small_chunks", "inverse_cdf_sampling", "recompute_grad"}
     for path in sorted(BENCH.glob("*.json")):
         for runs in json.loads(path.read_text(encoding="utf-8")).get("runs", {}).values():
             for run in runs if isinstance(runs, list) else []:
@@ -601,6 +631,32 @@ def test_performance_raw_rows_name_only_patches_that_ran():
                 assert patches <= known, (path.name, patches)
                 if "inverse_cdf_sampling" in patches:
                     assert path.name in before_07b5d6f, path.name
+
+
+def test_performance_round2_headline_is_the_median_of_per_repeat_ratios():
+    """Round 2 (issue #18): the summary quotes the median over repeats of the paired ratios, with min-max."""
+    data_file = BENCH / "perf_round2.json"
+    if not data_file.is_file():
+        pytest.skip("perf_round2.json not recorded yet")
+    data = json.loads(data_file.read_text(encoding="utf-8"))
+    runs = {c: {r["repeat"]: r for r in rs if "error" not in r} for c, rs in data["steps"]["runs"].items()}
+    summary = doc("performance.md").split("## Summary", 1)[1].split("## 1.", 1)[0]
+    for ours, peer in (("ours", "trl_distillation"), ("ours_bf16", "trl_distillation_bf16")):
+        common = sorted(set(runs[ours]) & set(runs[peer]))
+        ratios = [runs[ours][k]["tokens_per_second"] / runs[peer][k]["tokens_per_second"] for k in common]
+        expected = (
+            f"median **{statistics.median(ratios):.2f}x** (min-max {min(ratios):.2f}-{max(ratios):.2f}x; repeats: "
+            + ", ".join(f"{r:.2f}x" for r in ratios)
+        )
+        assert expected in summary, (ours, peer, expected)
+    assert "best" not in summary
+
+
+def test_env_overhead_page_carries_the_generated_block():
+    from benchmarks import report
+
+    page = doc("env_overhead.md")
+    assert report.render(page, names=("r2_env",)) == page, "run `python -m benchmarks.report`"
 
 
 def test_lora_precision_page_is_generated_from_its_json():

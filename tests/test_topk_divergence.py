@@ -287,10 +287,12 @@ def test_benchmark_smoke_run_and_report_only(tmp_path):
     from benchmarks import topk_divergence as bench
 
     out, page = tmp_path / "r.json", tmp_path / "p.md"
-    argv = ["--model", "tiny", "--student-layers", "2", "--batch-size", "2", "--max-new-tokens", "4"]
-    argv += ["--seeds", "0", "--ks", "2", "8", "--repeats", "1", "--out", str(out), "--page", str(page)]
+    argv = ["--model", "tiny", "--student-layers", "2", "3", "--batch-size", "2", "--max-new-tokens", "4"]
+    argv += ["--seeds", "0", "--ks", "2", "8", "--repeats", "1", "--cache-examples", "2"]
+    argv += ["--out", str(out), "--page", str(page)]
     data = bench.main(argv)
-    on = data["summary"]["student_samples"]
+    assert set(data["summary"]) == {"2", "3"}
+    on = data["summary"]["2"]["student_samples"]
     for name in ("jsd", "forward_kl", "reverse_kl"):
         assert on[name]["exact_at_V_max"] < 1e-5  # k = V is the full divergence
         for k in ("2", "8"):
@@ -298,8 +300,15 @@ def test_benchmark_smoke_run_and_report_only(tmp_path):
             assert -1.0 <= on[name][k]["cos_params"]["min"] <= 1.0
         assert on[name]["8"]["rel_bias"]["mean"] > on[name]["2"]["rel_bias"]["mean"]  # more k, less bias
     assert data["sizes"]["cache_float32"]["8"] == 8 * 8 + 8
+    # The real cache: its bytes per token are the payload plus the shard headers and offsets.
+    built = {(c["k"], c["dtype"]): c["bytes_per_token"] for c in data["cache_build"]}
+    assert built[(8, "float32")] > 8 * 8 + 8 and built[(8, "bfloat16")] < built[(8, "float32")]
     text = page.read_text()
-    assert "| jsd |" in text and "top-8 cache shard, bfloat16" in text
+    assert (
+        "| jsd |" in text
+        and "top-8 cache shard, bfloat16" in text
+        and "## Student with 3 of 4 layers" in text
+    )
     page.unlink()
     bench.main([*argv, "--report-only"])  # the page again, from the JSON alone
     assert page.read_text() == text

@@ -1,21 +1,24 @@
-"""``few_shot_arithmetic``: one operation on two numbers, after a few solved examples, answer ``#### N``.
+r"""``few_shot_arithmetic``: one operation on two numbers after a few solved examples, fixed answer format.
 
-Every prompt is the same ``shots`` solved problems followed by the query, in a fixed format a small
-base or instruct model continues reliably without a chat template::
+Every prompt is the same ``shots`` solved problems followed by the query, in a format a small base or
+instruct model continues without a chat template. Two styles:
 
-    Q: 23 + 45
-    A: #### 68
+- ``hashes`` (default)::
 
-    Q: 71 + 9
-    A: #### 80
+      Q: 23 + 45
+      A: #### 68
 
-    Q: 36 + 17
-    A:
+      Q: 36 + 17
+      A:
 
-The reference is ``" #### 53"`` and ``metadata["answer"]`` the value as an int. The completion is
-graded by :data:`ANSWER_PATTERN` (``exact_match`` with ``pattern=ANSWER_PATTERN``): the completion must
-*start* with ``#### N``, so whatever a raw language model writes after its answer (the next ``Q:``
-line) is ignored, and an answer in another format scores 0.
+  reference ``" #### 53"``;
+- ``equation``: ``"964 + 1 = 965\n494 + 1 = 495\n508 + 1 ="``, reference ``" 509"``.
+
+Operands have ``digits`` and ``digits_b`` digits, or the second is fixed (``fixed_b``: ``a + 1``,
+``a * 10``). ``metadata["answer"]`` is the value as an int, ``metadata["equation"]`` e.g. ``"508+1"``.
+The completion is graded by :data:`ANSWER_PATTERN` (``exact_match`` with ``pattern=ANSWER_PATTERN``):
+the completion must *open* with the answer, so whatever a raw language model writes after it (the
+next problem) is ignored, and an answer in another format scores 0.
 
 The solved examples are drawn first from the seed and never appear as train or eval queries.
 """
@@ -31,8 +34,6 @@ from rl_distill.tasks.base import Example, TaskData, register_task, split_disjoi
 ANSWER_PATTERN = r"\A\s*(?:####\s*)?(?P<answer>-?\d+)"
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
 STYLES = ("hashes", "equation")
 
 
@@ -41,7 +42,9 @@ def _span(digits: int) -> tuple[int, int]:
     return (10 ** (digits - 1) if digits > 1 else 1), 10**digits - 1
 
 
-def _operands(rng: random.Random, op: str, digits: int, digits_b: int, fixed_b: int | None) -> tuple[int, int]:
+def _operands(
+    rng: random.Random, op: str, digits: int, digits_b: int, fixed_b: int | None
+) -> tuple[int, int]:
     """Operands with ``digits`` and ``digits_b`` digits (or ``fixed_b``); a subtraction never goes below zero."""
     a = rng.randint(*_span(digits))
     b = rng.randint(*_span(digits_b)) if fixed_b is None else fixed_b
@@ -51,14 +54,18 @@ def _operands(rng: random.Random, op: str, digits: int, digits_b: int, fixed_b: 
 
 
 def query(a: int, op: str, b: int, style: str) -> str:
-    """The unanswered problem: ``"Q: 23 + 45\\nA:"`` (hashes) or ``"23 + 45 ="`` (equation)."""
+    r"""The unanswered problem: ``"Q: 23 + 45\nA:"`` (hashes) or ``"23 + 45 ="`` (equation)."""
     return f"Q: {a} {op} {b}\nA:" if style == "hashes" else f"{a} {op} {b} ="
 
 
 def solved(a: int, op: str, b: int, style: str = "hashes") -> str:
-    """One solved example: ``"Q: 23 + 45\\nA: #### 68"`` (hashes) or ``"23 + 45 = 68"`` (equation)."""
+    r"""One solved example: ``"Q: 23 + 45\nA: #### 68"`` (hashes) or ``"23 + 45 = 68"`` (equation)."""
     answer = OPERATIONS[op](a, b)
-    return f"{query(a, op, b, style)} #### {answer}" if style == "hashes" else f"{query(a, op, b, style)} {answer}"
+    return (
+        f"{query(a, op, b, style)} #### {answer}"
+        if style == "hashes"
+        else f"{query(a, op, b, style)} {answer}"
+    )
 
 
 @register_task("few_shot_arithmetic")
