@@ -348,7 +348,7 @@ def experiments_block(results: Path = RESULTS) -> str:
             f"| JSD fwd+bwd at the step shape ({div['rows']} x {div['vocab']}) | old default chunk (2**22: 85 rows): "
             f"{base:.3f} s | 16 rows: {rows[16]:.3f} s; 32: {rows[32]:.3f}; 64: {rows[64]:.3f}; one chunk: {one:.3f} "
             f"(the current default's 10 rows: not measured; see issue #13) | -{ms(base, rows[16])} ms at 16 rows |",
-            f"| same, analytic gradient written in the forward chunk loop (`_patches.FusedGradJSD`) | {base:.3f} s (old "
+            f"| same, analytic gradient written in the forward chunk loop (prototype `FusedGradJSD`, in the library since #18) | {base:.3f} s (old "
             f"85-row chunk) | {f85['median_seconds']:.3f} s (85 rows), {f32['median_seconds']:.3f} s (32 rows); gradient "
             f"equal to {grad_diff} | **-{ms(base, f85['median_seconds'])} ms/step** |",
             f"| teacher token log-probs ({tlp['rows']} x {div['vocab']}) | `log_softmax` + gather: "

@@ -832,7 +832,31 @@ def caveats(data: dict[str, Any]) -> str:
     edge = edge_note(sweep, data["chosen_lr"]).strip().rstrip(".")
     if edge:
         notes.append(edge[0].lower() + edge[1:])
+    notes += sweep_notes(sweep, data["splits"]["sizes"]["val"])
     return (" Caveats: " + "; ".join(notes) + ".") if notes else ""
+
+
+def sweep_notes(sweep: list[dict[str, Any]], val_size: int) -> list[str]:
+    """What the validation sweep says besides the choice: how far apart the two best lrs of each lambda
+    end (against the binomial standard error of the validation split), and lambda 1 against lambda 0 at
+    each shared lr (one seed)."""
+    notes = []
+    by = {(r["lmbda"], r["lr"]): val_accuracy(r) for r in sweep}
+    for lmbda in (0.0, 1.0):
+        accs = sorted((v for (lm, _), v in by.items() if lm == lmbda), reverse=True)
+        if len(accs) >= 2:
+            se = (accs[0] * (1 - accs[0]) / val_size) ** 0.5
+            notes.append(
+                f"lambda {lmbda:g}'s two best lrs end {accs[0]:.3f} and {accs[1]:.3f} on validation, "
+                f"{(accs[0] - accs[1]) / se:.1f} standard errors apart (one seed), so the choice is noisy"
+            )
+    shared = sorted(lr for (lm, lr) in by if lm == 0.0 and (1.0, lr) in by)
+    if shared:
+        pairs = ", ".join(f"{by[(1.0, lr)]:.3f} vs {by[(0.0, lr)]:.3f} at lr {lr:g}" for lr in shared)
+        notes.append(
+            f"at equal learning rates the sweep's lambda 1 vs lambda 0 validation accuracies were {pairs}"
+        )
+    return notes
 
 
 def plots(data: dict[str, Any], results: Path, name: str) -> list[str]:
