@@ -143,6 +143,8 @@ def quality_facts(data: dict[str, Any], results: Path = RESULTS) -> dict[str, An
         )
     f, b = out["fp32_stats"], out["bf16_stats"]
     out["within"] = bool(f and b and f["n"] >= 2 and f["min"] <= b["mean"] <= f["max"])
+    # lower is closer to the teacher: a bf16 mean under the fp32 range is no quality cost
+    out["not_worse"] = bool(f and b and f["n"] >= 2 and b["mean"] <= f["max"])
     return out
 
 
@@ -170,12 +172,12 @@ def quality_block(results: Path = RESULTS) -> str:
             )
     f, b = q["fp32_stats"], q["bf16_stats"]
     if f and b:
-        verdict = "inside" if q["within"] else "outside"
+        verdict = "inside" if q["within"] else ("below" if b["mean"] < f["min"] else "above")
         lines += [
             "",
             f"The bf16 mean ({b['mean']:.4f}) lies **{verdict}** the fp32 seeds' range "
             f"({f['min']:.4f}-{f['max']:.4f}); difference of the means {b['mean'] - f['mean']:+.4f}, fp32 seed std "
-            f"{f['std']:.4f}.",
+            f"{f['std']:.4f} (lower = closer to the teacher).",
         ]
     return "\n".join(lines)
 
@@ -213,7 +215,13 @@ def summary_block(results: Path = RESULTS) -> str:
         rows.append(
             f"| bf16: held-out JSD after the main job within the fp32 seed spread | bf16 {b['mean']:.4f} ± "
             f"{b['std']:.4f} (n = {b['n']}) vs fp32 {f['mean']:.4f} ± {f['std']:.4f} (n = {f['n']}, range "
-            f"{f['min']:.4f}-{f['max']:.4f}) | {'**yes**' if q['within'] else 'no'} |"
+            f"{f['min']:.4f}-{f['max']:.4f}); "
+            + (
+                "inside the range"
+                if q["within"]
+                else ("below it (closer to the teacher)" if b["mean"] < f["min"] else "above it")
+            )
+            + f" | {'**yes**' if q['within'] else ('no quality cost (better than every fp32 seed), but not within the spread' if q['not_worse'] else 'no')} |"
         )
     else:
         rows.append("| bf16: held-out JSD within the fp32 seed spread | not measured | — |")
