@@ -503,7 +503,8 @@ def env_block(results: Path = RESULTS) -> str:
             "",
             f"Env / floor, time per token: **{_x(env['time_ratio_env_over_floor'])}** (B = {s['batch_size']}, "
             f"{s['max_new_tokens']} new tokens, {s['student_layers']}-layer student, median of {s['repeats']} rounds "
-            f"after {s['warmup']} warm-up; load average before/after {env['machine']['load_average_before_after']}).",
+            f"after {s['warmup']} warm-up; 1-minute load average before {env['machine']['load_average_before_after'][0][0]:.2f}, "
+            f"after {env['machine']['load_average_before_after'][1][0]:.2f}).",
         ]
     )
 

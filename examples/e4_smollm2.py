@@ -522,10 +522,10 @@ def paired_change(run: dict[str, Any], warm: dict[str, Any], key: str) -> tuple[
     return mean_ci([a - b for a, b in zip(after, before, strict=True)])
 
 
-def train_reward(run: dict[str, Any]) -> float:
-    """Mean verifier reward of the on-policy training samples over the run."""
+def train_reward(run: dict[str, Any]) -> float | None:
+    """Mean verifier reward of the on-policy training samples over the run (None: the reward was not used)."""
     values = [p["reward"] for p in run["extra"]["train_curve"] if p["reward"] is not None]
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else None
 
 
 def tables(
@@ -581,7 +581,8 @@ def tables(
             m, h = paired_change(r, warm["warm"], key)
             cells.append(f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]")
         lines.append(
-            f"| alpha={r['alpha']:g}, seed {r['seed']} | {cells[0]} | {cells[1]} | {train_reward(r):.3f} |"
+            f"| alpha={r['alpha']:g}, seed {r['seed']} | {cells[0]} | {cells[1]} | "
+            + ("- |" if train_reward(r) is None else f"{train_reward(r):.3f} |")
         )
     before = runs[0]["before"]
     lines += [
@@ -639,6 +640,14 @@ def findings(
             f"- {method_name(a)}: greedy accuracy {g[0]:.3f} ± {g[1]:.3f} over {total} seed(s) (warm start "
             f"{start:.3f}); significantly up in {up} and down in {down} of {total} (greedy){sampled}, 95% "
             "paired intervals over prompts."
+        )
+    rl = [r for r in runs if r["alpha"] < 1.0]
+    if rl and all(train_reward(r) == 0.0 for r in rl):
+        out.append(
+            "- The verifier rewarded none of the on-policy training samples of the alpha < 1 runs: with a "
+            "leave-one-out baseline every advantage was 0, so the REINFORCE term of Eq. 5 gave no gradient "
+            "(alpha = 0 trains nothing; 0 < alpha < 1 only rescales the GKD loss). A sparse verifier reward "
+            "needs a student that is sometimes right."
         )
     if all(
         moved(runs, warm, a, key)[:2] == (0, 0)
@@ -873,6 +882,8 @@ def report_body(
         "before this experiment; the numbers are recorded in the script as `FORMAT_SCREEN`):\n\n"
         "| format | prompts | teacher accuracy |\n|---|---|---|\n"
         + "".join(f"| {name} | {count} | {acc:.3f} |\n" for name, count, acc in screen)
+        + f"\nThe teacher pass (validation, held-out and training prompts) took {teacher['seconds'] / 60:.1f} min "
+        f"and the warm-up training {warm['seconds'] / 60:.1f} min, not counted in the header's time.\n"
         + "\n## Results\n\n"
         + tables(runs, teacher, warm, args.alphas)
         + "\n## Findings\n\n"

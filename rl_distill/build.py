@@ -210,7 +210,9 @@ def build_cross_teacher(
         return None
     assert teacher is not None and mc.teacher is not None  # the config requires a teacher model
     teacher_tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
-    return CrossTokenizerTeacher(teacher, teacher_tokenizer, student_tokenizer, chat_template=mc.chat_template)
+    return CrossTokenizerTeacher(
+        teacher, teacher_tokenizer, student_tokenizer, chat_template=mc.chat_template
+    )
 
 
 def build_eval_reward(config: Config) -> CheckedReward | None:
@@ -329,7 +331,9 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
         teacher = dist.shard(teacher) if teacher is not None else None
         student = dist.shard(student)
         if dist.is_main:
-            print(f"rl-distill: FSDP2: teacher and student sharded over {dist.world_size} processes", flush=True)
+            print(
+                f"rl-distill: FSDP2: teacher and student sharded over {dist.world_size} processes", flush=True
+            )
     cross_teacher = build_cross_teacher(config, teacher, tokenizer)
     engine_teacher = None if cross_teacher is not None else teacher  # it cannot read student token ids
     engine = RolloutEngine(student, engine_teacher, tokenizer, chat_template=config.model.chat_template)

@@ -431,6 +431,9 @@ class Trainer:
         Then write ``run.json`` (a new run id and the config hash) on the main process.
         """
         found = self.existing_run()
+        # Every process looks before the main process writes run.json below: without this barrier a
+        # slower process could find this run's own run.json and refuse it as "another run".
+        self.dist.barrier()
         if fresh_after_resume:  # nothing to resume: an unfinished attempt may be replaced, a finished run not
             found = [f for f in found if f == "final/"]
         if self.output_dir.exists() and not self.output_dir.is_dir():

@@ -224,10 +224,18 @@ def test_e2_smoke(tmp_path, factual_artifacts):
     assert rlef["job"]["teacher"] == rlef["job"]["student"] == str(factual_artifacts / "student")
     for r in data["runs"] + sweep["runs"]:
         for decoding in ("sampled", "greedy"):
-            for key in ("hallucination_rate", "claim_hallucination", "claim_coverage", "rouge2", "rouge2_alt"):
+            for key in (
+                "hallucination_rate",
+                "claim_hallucination",
+                "claim_coverage",
+                "rouge2",
+                "rouge2_alt",
+            ):
                 assert 0.0 <= r["extra"][f"{decoding}/{key}"] <= 1.0
             multi = r["extra"][f"{decoding}/rouge2_multi"]
-            assert max(r["extra"][f"{decoding}/rouge2"], r["extra"][f"{decoding}/rouge2_alt"]) <= multi + 1e-12
+            assert (
+                max(r["extra"][f"{decoding}/rouge2"], r["extra"][f"{decoding}/rouge2_alt"]) <= multi + 1e-12
+            )
     # The sweep is evaluated on validation passages, the main runs on the held-out ones.
     assert {r["phase"] for r in sweep["runs"]} == {"sweep"} and {r["phase"] for r in data["runs"]} == {"main"}
     assert set(data["reference_points"]) == {

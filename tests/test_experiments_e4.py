@@ -102,7 +102,9 @@ def test_wilson_interval_by_hand():
     assert lo == pytest.approx(0.5 - 0.26340, abs=1e-4) and hi == pytest.approx(0.5 + 0.26340, abs=1e-4)
     # 0 of 200: the interval starts at 0 and its upper end is z^2/(n + z^2) = 0.01884.
     assert e4.wilson(0, 200) == pytest.approx((0.0, 3.8415 / 203.8415), abs=1e-5)
-    assert e4.wilson(200, 200)[1] == pytest.approx(1.0) and e4.wilson(200, 200)[0] == pytest.approx(200 / 203.8415)
+    assert e4.wilson(200, 200)[1] == pytest.approx(1.0) and e4.wilson(200, 200)[0] == pytest.approx(
+        200 / 203.8415
+    )
     with pytest.raises(ValueError, match="n must be >= 1"):
         e4.wilson(0, 0)
 

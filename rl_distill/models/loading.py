@@ -21,9 +21,7 @@ class TokenizerMismatchError(ValueError):
 
 
 #: How to distil across tokenizers anyway; every tokenizer-mismatch message ends with it.
-CROSS_TOKENIZER_HINT = (
-    "to distil across tokenizers, set model.cross_tokenizer: uld with agent.name: uld (rl_distill.cross_tokenizer)"
-)
+CROSS_TOKENIZER_HINT = "to distil across tokenizers, set model.cross_tokenizer: uld with agent.name: uld (rl_distill.cross_tokenizer)"
 
 
 class CorruptWeightsError(ValueError):
