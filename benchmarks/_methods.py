@@ -5,6 +5,10 @@ Methods (:data:`METHODS`):
 - ``ours``: :class:`rl_distill.agents.GKDAgent`, on-policy (lambda = 1), JSD(beta);
 - ``ours_recompute``: ``ours`` with the library's fused divergence gradient switched off (the old
   recomputing backward, :mod:`benchmarks._patches` ``recompute_grad``): lever 1 of issue #18 alone;
+- ``ours_linear_head``: ``ours`` with the few-row decode head switched off (the model's own
+  ``F.linear`` head when sampling, :mod:`benchmarks._patches` ``linear_head``): the decode lever alone;
+- ``ours_no_prefix_cache``: ``ours`` with the teacher's shared-prompt-prefix cache off
+  (:mod:`benchmarks._patches` ``no_prefix_cache``): lever 4 alone;
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -471,6 +475,12 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     "ours_lambda0": lambda spec: run_ours(spec, lmbda=0.0),
     "ours_recompute": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("recompute_grad",), name="ours_recompute"
+    ),
+    "ours_linear_head": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("linear_head",), name="ours_linear_head"
+    ),
+    "ours_no_prefix_cache": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("no_prefix_cache",), name="ours_no_prefix_cache"
     ),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),

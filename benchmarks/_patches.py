@@ -9,6 +9,11 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
   this patch ``_row_value_and_grad`` returns None, so ``_ChunkedRows`` recomputes every chunk under
   autograd in backward, as before the change. Same values and gradients (to rounding), different
   time and memory: the lever's effect alone.
+- ``linear_head``: the decode steps' logits through the model's own ``F.linear`` head instead of
+  the few-row product of :mod:`rl_distill.rollout.skinny_head` (the engine's ``skinny_head``
+  switched off for every engine): the decode lever alone.
+- ``no_prefix_cache``: the teacher scores every row from its first token (the engine's
+  ``teacher_prefix_cache`` off, :mod:`rl_distill.rollout.prefix_cache`): lever 4 alone.
 
 History (issue #12, #18): ``inverse_cdf_sampling`` (the engine samples by inverse CDF since
 07b5d6f), ``small_chunks`` (2**20 elements; the library default is 2**19 since 247e0a2) and the
@@ -39,9 +44,45 @@ def patch_recompute_grad() -> Callable[[], None]:
     return undo
 
 
+def patch_linear_head() -> Callable[[], None]:
+    """Make every ``skinny_output_head`` block a no-op (the model's ``F.linear`` head); returns the undo."""
+    import rl_distill.rollout.skinny_head as sh
+
+    original = sh.supports_skinny_head
+
+    def never(model: Any) -> bool:
+        return False
+
+    sh.supports_skinny_head = never  # type: ignore[assignment]
+
+    def undo() -> None:
+        sh.supports_skinny_head = original
+
+    return undo
+
+
+def patch_no_prefix_cache() -> Callable[[], None]:
+    """Make the teacher's shared-prefix cache always decline (the plain forward); returns the undo."""
+    from rl_distill.rollout.prefix_cache import PrefixKVCache
+
+    original = PrefixKVCache.completion_logits
+
+    def decline(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    PrefixKVCache.completion_logits = decline  # type: ignore[assignment,method-assign]
+
+    def undo() -> None:
+        PrefixKVCache.completion_logits = original  # type: ignore[method-assign]
+
+    return undo
+
+
 #: name -> installer returning an undo callable.
 PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "recompute_grad": patch_recompute_grad,
+    "linear_head": patch_linear_head,
+    "no_prefix_cache": patch_no_prefix_cache,
 }
 
 

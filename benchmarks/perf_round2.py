@@ -64,6 +64,10 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     "trl_distillation_defaults": ("trl_distillation", {"trl_defaults": True}, "core"),
     # lever 1 alone: the fused divergence gradient off (the old recomputing backward)
     "ours_recompute": ("ours_recompute", {}, "core"),
+    # the decode lever alone: the few-row output head off (the model's F.linear head when sampling)
+    "ours_linear_head": ("ours_linear_head", {}, "core"),
+    # lever 4 alone: the teacher's shared-prompt-prefix KV cache off
+    "ours_no_prefix_cache": ("ours_no_prefix_cache", {}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -85,6 +89,8 @@ PAIRS: dict[str, tuple[str, str]] = {
     "T128 vs DistillationTrainer T128": ("ours_t128", "trl_distillation_t128"),
     "lever 1: fused vs recompute": ("ours", "ours_recompute"),
     "lever 2: bf16 vs fp32": ("ours_bf16", "ours"),
+    "decode lever: skinny head vs F.linear head": ("ours", "ours_linear_head"),
+    "lever 4: teacher prefix cache vs none": ("ours", "ours_no_prefix_cache"),
 }
 
 
@@ -206,11 +212,45 @@ def _dynamic_decode(student: Any, batch: Any, steps: int) -> tuple[float, Tensor
     return time.perf_counter() - start, out.logits[:, -1]
 
 
+def measure_head(
+    weight: Tensor, repeats: int = 5, rows: tuple[int, ...] = (1, 2, 4, 8, 16)
+) -> dict[str, Any]:
+    """The output head alone: ``F.linear(h, W)`` against the few-row product ``(W @ h.T).T``.
+
+    For each row count and dtype (float32; bfloat16 weights and inputs), the median over ``repeats``
+    of the mean of 20 calls, in ms. What :data:`rl_distill.rollout.skinny_head.SKINNY_MAX_ROWS` rests on.
+    """
+    import torch.nn.functional as F
+
+    def timed(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times.append((time.perf_counter() - start) / 20 * 1e3)
+        return statistics.median(times)
+
+    out: dict[str, Any] = {"shape": list(weight.shape), "repeats": repeats, "ms": {}}
+    gen = torch.Generator().manual_seed(0)
+    for dtype in ("float32", "bfloat16"):
+        w = weight.to(getattr(torch, dtype)).contiguous()
+        for n in rows:
+            h = torch.randn(n, w.shape[1], generator=gen).to(w.dtype)
+            out["ms"][f"{dtype}_{n}"] = {
+                "linear": timed(lambda h=h, w=w: F.linear(h, w)),
+                "transposed": timed(lambda h=h, w=w: torch.mm(w, h.t()).t().contiguous()),
+            }
+    return out
+
+
 def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
     """Per-token decode of the student: engine ``generate`` (sampling included) and greedy model loops.
 
     ``generate`` per token = (generate - prefill) / (T - 1): the 31 one-token forwards plus the
-    engine's sampling and bookkeeping. The greedy loops time the one-token forwards alone, with the
+    engine's sampling and bookkeeping; ``generate_linear_head`` the same with the engine's few-row
+    output head off (``skinny_head=False``). ``head``: :func:`measure_head` on the student's head. The greedy loops time the one-token forwards alone, with the
     dynamic cache (the engine's) and a static one (``transformers.StaticCache``); their last logits
     are compared. Each is measured in fp32 and under bf16 autocast (``train.precision: bf16``).
     """
@@ -242,14 +282,21 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
         "floor_ms_per_token_fp32": weight_bytes / bandwidth * 1e3,
         "floor_ms_per_token_bf16": weight_bytes / 2 / bandwidth * 1e3,
     }
+    out["head"] = measure_head(student.get_output_embeddings().weight.detach(), repeats=max(repeats, 5))
+    linear_engine = RolloutEngine(student, teacher, tokenizer, skinny_head=False)
     gen = torch.Generator().manual_seed(spec.seed)
     for precision in ("fp32", "bf16"):
-        rows: dict[str, list[float]] = {"generate": [], "prefill": [], "dynamic": [], "static": []}
+        rows: dict[str, list[float]] = {
+            "generate": [], "generate_linear_head": [], "prefill": [], "dynamic": [], "static": [],
+        }  # fmt: skip
         with torch.no_grad(), autocast(precision, spec.device):
             for r in range(repeats + 1):  # the first round warms up
                 start = time.perf_counter()
                 rollout = engine.generate(batch, sampling, generator=gen)
                 t_gen = time.perf_counter() - start
+                start = time.perf_counter()
+                rollout_lin = linear_engine.generate(batch, sampling, generator=gen)
+                t_lin = time.perf_counter() - start
                 start = time.perf_counter()
                 student(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -268,6 +315,8 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                     continue
                 width = rollout.completion_ids.shape[1]
                 rows["generate"].append((t_gen - t_pre) / max(1, width - 1) * 1e3)
+                width_lin = rollout_lin.completion_ids.shape[1]
+                rows["generate_linear_head"].append((t_lin - t_pre) / max(1, width_lin - 1) * 1e3)
                 rows["prefill"].append(t_pre * 1e3)
                 rows["dynamic"].append(t_dyn / steps * 1e3)
                 if static_error is None:

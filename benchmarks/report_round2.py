@@ -425,9 +425,12 @@ def decode_block(results: Path = RESULTS) -> str:
     dec = data.get("decode")
     if dec is None:
         return NOT_MEASURED.format(section="decode")
+    lever = "generate_linear_head" in dec["fp32"]["median_ms_per_token"]
     lines = [
-        "| precision | floor ms/token (weights / bandwidth) | engine `generate` (sampling incl.) | greedy loop, dynamic cache (the engine's) | greedy loop, static cache | prefill ms |",
-        "|---|---|---|---|---|---|",
+        "| precision | floor ms/token (weights / bandwidth) | engine `generate` (sampling incl.) | "
+        + ("engine `generate`, `F.linear` head (`skinny_head=False`) | " if lever else "")
+        + "greedy loop, dynamic cache, `F.linear` head | greedy loop, static cache | prefill ms |",
+        "|---|---|---|---|---|---|" + ("---|" if lever else ""),
     ]
     for p in ("fp32", "bf16"):
         d = dec[p]
@@ -437,10 +440,11 @@ def decode_block(results: Path = RESULTS) -> str:
             if "static" in m
             else f"fails: `{d['static_cache_error'][:90]}`"
         )
+        linear = f"{m['generate_linear_head']:.1f} ({_x(r['generate_linear_head'])}) | " if lever else ""
         lines.append(
             f"| {p}{' autocast' if p == 'bf16' else ''} | {dec[f'floor_ms_per_token_{p}']:.1f} | "
-            f"{m['generate']:.1f} ({_x(r['generate'])}) | {m['dynamic']:.1f} ({_x(r['dynamic'])}) | {static} | "
-            f"{m['prefill']:.0f} |"
+            f"{m['generate']:.1f} ({_x(r['generate'])}) | {linear}{m['dynamic']:.1f} ({_x(r['dynamic'])}) | "
+            f"{static} | {m['prefill']:.0f} |"
         )
     diff = dec["fp32"]["static_vs_dynamic_max_abs_logit_diff"]
     lines += [
@@ -451,6 +455,26 @@ def decode_block(results: Path = RESULTS) -> str:
         + (f"{diff:.1e}" if diff is not None else "n/a")
         + " (not bit-identical).",
     ]
+    head = dec.get("head")
+    if head:
+        counts = sorted({int(k.rsplit("_", 1)[1]) for k in head["ms"]})
+        lines += [
+            "",
+            f"The output head alone ({head['shape'][0]} x {head['shape'][1]}, ms per product, median of "
+            f"{head['repeats']}): `F.linear(h, W)` (every Hugging Face `lm_head`) against the few-row product "
+            "`(W @ h.T).T` (`rl_distill/rollout/skinny_head.py`).",
+            "",
+            "| dtype | " + " | ".join(f"{n} row{'s' if n > 1 else ''}" for n in counts) + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for dtype in ("float32", "bfloat16"):
+            cells = []
+            for n in counts:
+                c = head["ms"][f"{dtype}_{n}"]
+                cells.append(
+                    f"{c['linear']:.1f} vs {c['transposed']:.1f} ({c['linear'] / c['transposed']:.2f}x)"
+                )
+            lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -571,20 +595,47 @@ def levers_block(results: Path = RESULTS) -> str:
     dec = data.get("decode")
     if dec:
         m = dec["fp32"]["median_ms_per_token"]
+        ratio = dec["fp32"]["ratio_to_floor"]
         static = f"static cache {m['static']:.1f} ms/token" if "static" in m else "static cache: failed"
+        if "generate_linear_head" in m:
+            lin, p3 = config_summary(data, "ours_linear_head"), pair_ratios(data, "ours", "ours_linear_head")
+            step = (
+                f"; end to end, step {fused['median_step_seconds']:.3f} s with it vs {lin['median_step_seconds']:.3f} s "
+                f"without (`ours_linear_head`), throughput ratio per repeat {_spread(p3)}"
+                if fused and lin and p3
+                else ""
+            )
+            out.append(
+                "3. **Decoding: the few-row output head** (`rl_distill/rollout/skinny_head.py`, in the engine's "
+                "decode loop and the environment's incremental scorer, float32 on CPU): the engine's per-token "
+                f"decode {m['generate']:.1f} ms/token ({_x(ratio['generate'])} the bandwidth floor of "
+                f"{dec['floor_ms_per_token_fp32']:.1f} ms) vs {m['generate_linear_head']:.1f} ms/token "
+                f"({_x(ratio['generate_linear_head'])}) with the model's `F.linear` head{step}. Kept (shipped, "
+                f"`RolloutEngine(skinny_head=True)`). Not kept: a {static} (no faster, not bit-identical). "
+                "`torch.compile` of the one-token step was not tried (compiling on 2 cores costs minutes per "
+                "shape, more than a run's whole decode)."
+            )
+        else:
+            out.append(
+                f"3. **Decoding**: the engine's per-token decode is {_x(ratio['generate'])} the "
+                f"bandwidth floor in fp32 ({m['generate']:.1f} vs {dec['floor_ms_per_token_fp32']:.1f} ms/token); the bare "
+                f"one-token forwards with the dynamic cache {m['dynamic']:.1f} ms/token, {static} (its logits are not "
+                "bit-identical to the dynamic cache's). `torch.compile` of the one-token step was not tried."
+            )
+    nopc, p4 = config_summary(data, "ours_no_prefix_cache"), pair_ratios(data, "ours", "ours_no_prefix_cache")
+    if fused and nopc and p4:
         out.append(
-            f"3. **Decoding**: the engine's per-token decode is {_x(dec['fp32']['ratio_to_floor']['generate'])} the "
-            f"bandwidth floor in fp32 ({m['generate']:.1f} vs {dec['floor_ms_per_token_fp32']:.1f} ms/token); the bare "
-            f"one-token forwards with the dynamic cache {m['dynamic']:.1f} ms/token, {static} (its logits are not "
-            "bit-identical to the dynamic cache's). The engine's loop was left unchanged: see the text below the "
-            "decode table. `torch.compile` of the one-token step was not tried (compiling on 2 cores costs "
-            "minutes per shape, more than a run's whole decode)."
+            "4. **Teacher prompt reuse** (`rl_distill/rollout/prefix_cache.py`: the frozen teacher's KV cache of the "
+            "prompt prefix every row shares, here SmolLM2's system turn, computed once and reused by every scoring "
+            f"forward): step {fused['median_step_seconds']:.3f} s with it vs {nopc['median_step_seconds']:.3f} s "
+            f"without (`ours_no_prefix_cache`); throughput ratio per repeat {_spread(p4)}; teacher phase "
+            f"{fused['phases']['teacher']:.3f} s vs {nopc['phases']['teacher']:.3f} s. Kept (shipped, "
+            "`RolloutEngine(teacher_prefix_cache=True)`)."
         )
-    out.append(
-        "4. **Teacher prompt reuse** (KV cache of a shared system prompt): not done in this round. The teacher's "
-        "forward is one call per step over prompt + completion; the shared SmolLM2 system prompt is about half of "
-        "each prompt's tokens, so the reuse could at most save that share of the teacher phase."
-    )
+    else:
+        out.append(
+            "4. **Teacher prompt reuse** (KV cache of a shared system prompt): not measured in this run."
+        )
     return "\n".join(out)
 
 

@@ -58,7 +58,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
 from rl_distill.rollout.incremental import IncrementalScorer
+from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
+from rl_distill.rollout.skinny_head import skinny_output_head
 
 TeacherOutput = Literal["none", "full", "topk"]
 
@@ -340,6 +342,13 @@ class RolloutEngine:
         max_prompt_length: longest allowed prompt in tokens; default: the context length minus
             nothing (checked against ``max_new_tokens`` at sampling time).
         stop_token_ids: extra token ids that end a sequence besides the tokenizer's EOS.
+        skinny_head: compute the decode steps' logits with the few-row product of
+            :mod:`rl_distill.rollout.skinny_head` (float32 on CPU only; equal to float32 rounding,
+            faster; False: the model's own ``F.linear``).
+        teacher_prefix_cache: reuse the teacher's KV cache of the prompt prefix every row shares
+            (a chat template's system turn, a fixed instruction) across :meth:`score` calls
+            (:mod:`rl_distill.rollout.prefix_cache`; equal to float32 rounding). Off for sharded
+            teachers (:attr:`lockstep` set).
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -354,8 +363,13 @@ class RolloutEngine:
         chat_template: bool | None = None,
         max_prompt_length: int | None = None,
         stop_token_ids: Sequence[int] = (),
+        skinny_head: bool = True,
+        teacher_prefix_cache: bool = True,
     ) -> None:
         self.student = student
+        self.skinny_head = skinny_head
+        #: The teacher's shared-prefix KV cache (None: off); ``hits``/``misses`` count its use.
+        self.prefix_cache: PrefixKVCache | None = PrefixKVCache() if teacher_prefix_cache else None
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.tokenizer = tokenizer
         # Without a teacher only the student's width is checked (it stands in for the teacher's).
@@ -486,15 +500,46 @@ class RolloutEngine:
         start = time.perf_counter()
         was_training = model.training
         model.eval()
+        try:
+            with skinny_output_head(model, self.skinny_head):
+                tokens, logps, alive = self._decode(model, batch, sampling, generator)
+        finally:
+            if was_training:
+                model.train()
+        # Lock-step padding steps come after this process's last real token: cut them off, so the
+        # rollout is the one this process would have sampled alone.
+        width = (
+            len(alive) if self.lockstep is None else 1 + max(t for t, a in enumerate(alive) if bool(a.any()))
+        )
+        completion_mask = torch.stack(alive[:width], dim=1)  # (B, T)
+        return Rollout(
+            prompt_ids=batch.input_ids,
+            prompt_mask=batch.attention_mask,
+            completion_ids=torch.stack(tokens[:width], dim=1),
+            completion_mask=completion_mask,
+            logprobs=torch.stack(logps[:width], dim=1),
+            texts=batch.texts,
+            timings={"generate": time.perf_counter() - start},
+        )
+
+    def _decode(
+        self,
+        model: PreTrainedModel,
+        batch: PromptBatch,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The decode loop of :meth:`generate`: per step, the sampled tokens, their log-probs, alive rows."""
         device = batch.input_ids.device
         stop_ids = self.stop_ids.to(device)
         bsz, vocab = len(batch), self.vocab_size
         mask = batch.attention_mask
         positions = position_ids_from_mask(mask)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-        tokens, logps, alive = [], [], []
+        tokens: list[Tensor] = []
+        logps: list[Tensor] = []
+        alive: list[Tensor] = []
         mine_done = False  # every sequence of this process has finished (lock-step: others may not have)
-
         out = model(
             input_ids=batch.input_ids,
             attention_mask=mask,
@@ -540,23 +585,7 @@ class RolloutEngine:
                 use_cache=True,
             )
             next_pos = next_pos + 1
-        if was_training:
-            model.train()
-        # Lock-step padding steps come after this process's last real token: cut them off, so the
-        # rollout is the one this process would have sampled alone.
-        width = (
-            len(alive) if self.lockstep is None else 1 + max(t for t, a in enumerate(alive) if bool(a.any()))
-        )
-        completion_mask = torch.stack(alive[:width], dim=1)  # (B, T)
-        return Rollout(
-            prompt_ids=batch.input_ids,
-            prompt_mask=batch.attention_mask,
-            completion_ids=torch.stack(tokens[:width], dim=1),
-            completion_mask=completion_mask,
-            logprobs=torch.stack(logps[:width], dim=1),
-            texts=batch.texts,
-            timings={"generate": time.perf_counter() - start},
-        )
+        return tokens, logps, alive
 
     def from_completions(
         self,
@@ -659,7 +688,13 @@ class RolloutEngine:
         num = rollout.completion_ids.shape[1]
         input_ids, attention_mask = self.teacher_inputs(rollout, teacher_prompts)
         with torch.inference_mode():
-            logits = completion_logits(self.teacher, input_ids, attention_mask, num, self.vocab_size)
+            logits = None
+            if self.prefix_cache is not None and self.lockstep is None:
+                logits = self.prefix_cache.completion_logits(
+                    self.teacher, input_ids, attention_mask, num, self.vocab_size
+                )
+            if logits is None:
+                logits = completion_logits(self.teacher, input_ids, attention_mask, num, self.vocab_size)
             scaled = logits.float() if teacher_temperature == 1.0 else logits.float() / teacher_temperature
             logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
             tok_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
@@ -755,7 +790,10 @@ class RolloutEngine:
                 "the incremental scorer reads the student's prompt; it does not support a teacher template"
             )
         return IncrementalScorer(
-            self.teacher if model is None else model, self.vocab_size, pad_id=self.pad_id
+            self.teacher if model is None else model,
+            self.vocab_size,
+            pad_id=self.pad_id,
+            skinny_head=self.skinny_head,
         )
 
     def decode(self, rollout: Rollout) -> list[str]:

@@ -29,6 +29,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
+from rl_distill.rollout.skinny_head import skinny_output_head
 
 
 @dataclass
@@ -73,12 +74,17 @@ class IncrementalScorer:
         model: a causal LM (put in eval mode; no gradients are taken).
         vocab_size: the shared vocabulary size; wider logits (padding rows) are cut off.
         pad_id: the token fed for inactive rows (any valid id: it is masked out).
+        skinny_head: the few-row output-head product (:mod:`rl_distill.rollout.skinny_head`) for
+            the prefill's and each step's logits (float32 on CPU; False: the model's ``F.linear``).
     """
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int, *, pad_id: int = 0) -> None:
+    def __init__(
+        self, model: PreTrainedModel, vocab_size: int, *, pad_id: int = 0, skinny_head: bool = True
+    ) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.pad_id = pad_id
+        self.skinny_head = skinny_head
 
     def _logprobs(self, logits: Tensor) -> Tensor:
         """``(B, V_model)`` last-position logits -> ``(B, V)`` float32 log-probs."""
@@ -93,7 +99,7 @@ class IncrementalScorer:
         """
         mask = prompts.attention_mask.long()
         positions = position_ids_from_mask(mask)
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), skinny_output_head(self.model, self.skinny_head):
             out = self.model(
                 input_ids=prompts.input_ids,
                 attention_mask=mask,
@@ -127,7 +133,7 @@ class IncrementalScorer:
         tokens = tokens.long().masked_fill(~active, self.pad_id)
         # The new column is attended to only where the row is active, as in RolloutEngine.generate.
         mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)  # (B, C + 1)
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), skinny_output_head(self.model, self.skinny_head):
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,

@@ -1,0 +1,196 @@
+"""Teacher prompt reuse: the frozen teacher's KV cache of a shared prompt prefix (issue #18, lever 4).
+
+Chat prompts start with the same tokens: the template's system turn (SmolLM2's default system prompt
+is about half of a short prompt), a task instruction, few-shot examples. The teacher is frozen, so its
+keys and values over those tokens are the same at every step: :class:`PrefixKVCache` computes them
+once and every later teacher forward starts after them.
+
+How one scoring forward uses it (:meth:`PrefixKVCache.completion_logits`, called by
+:meth:`rl_distill.rollout.RolloutEngine.score`):
+
+1. the longest token prefix shared by every row's prompt (rows are left-padded: each row's prefix
+   starts at its first real token), leaving at least one prompt token per row to the forward;
+2. a cached prefix whose tokens agree with it on at least ``min_tokens`` tokens is sliced to the
+   agreeing length (causal attention: the keys and values of the first ``L`` tokens depend on those
+   tokens only); on a miss the batch's shared prefix is run once (batch 1) and stored;
+3. each row's remaining prompt tokens and completion are left-padded to a common width and run
+   against the prefix cache (broadcast over the rows, never written to), with the attention mask
+   ``[1 x L, row mask]`` and position ids continuing from ``L``.
+
+The result is the same function of the inputs as one forward over the left-padded rows (equal to
+float32 rounding: the products are blocked differently), so the logits at the completion positions
+agree to about 1e-5; ``tests/test_prefix_cache.py`` checks it against the plain forward.
+
+Entries are keyed by the prefix tokens and by the teacher's identity and parameter versions (an in-place
+weight update, e.g. ``teacher_refresh_every``, invalidates them), its dtype and the autocast state.
+The cache is skipped (the plain forward runs) when the teacher's KV cache is not a plain
+per-layer ``DynamicCache`` (sliding windows, custom caches), when the shared prefix is shorter than
+``min_tokens``, and by the engine for sharded teachers (a sharded forward must run the same calls on
+every process).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rl_distill.rollout.prompts import position_ids_from_mask
+
+__all__ = ["PrefixKVCache"]
+
+
+class PrefixKVCache:
+    """The teacher's keys and values of recently seen shared prompt prefixes (LRU).
+
+    Args:
+        min_tokens: shortest prefix worth reusing (shorter ones run the plain forward).
+        max_entries: prefixes kept (least recently used dropped first).
+
+    Attributes:
+        hits: forwards that reused a cached prefix.
+        misses: forwards that computed and stored one.
+        disabled_reason: why the cache switched itself off for this teacher (None while on).
+    """
+
+    def __init__(self, min_tokens: int = 8, max_entries: int = 4) -> None:
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.min_tokens = min_tokens
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[Any, ...], tuple[Tensor, list[tuple[Tensor, Tensor]]]] = (
+            OrderedDict()
+        )
+        self.hits = 0
+        self.misses = 0
+        self.disabled_reason: str | None = None
+
+    def clear(self) -> None:
+        """Drop every cached prefix."""
+        self._entries.clear()
+
+    @staticmethod
+    def shared_prefix(input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        """The token ids every row's prompt starts with, at most ``min(prompt length) - 1`` of them.
+
+        Args:
+            input_ids: ``(B, W)`` left-padded prompts followed by completions.
+            attention_mask: ``(B, W)``.
+            prompt_width: columns of ``input_ids`` that hold the (left-padded) prompts.
+        """
+        mask = attention_mask[:, :prompt_width].bool()
+        first = (~mask).long().cumprod(-1).sum(-1)  # (B,) leading padding columns
+        longest = int((prompt_width - first).min()) - 1  # leave one prompt token per row
+        if longest < 1:
+            return input_ids.new_empty(0)
+        cols = first[:, None] + torch.arange(longest, device=input_ids.device)[None]  # (B, longest)
+        rows = input_ids.gather(1, cols)
+        agree = (rows == rows[:1]).all(0).long().cumprod(0)  # (longest,) 1 while every row agrees
+        return rows[0, : int(agree.sum())]
+
+    def _key(self, model: Any) -> tuple[Any, ...]:
+        params = list(model.parameters())
+        return (
+            id(model),
+            tuple(p._version for p in params),
+            params[0].dtype if params else None,
+            torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+        )
+
+    def _lookup(self, key: tuple[Any, ...], prefix: Tensor) -> tuple[int, list[tuple[Tensor, Tensor]]] | None:
+        """The cached entry agreeing longest with ``prefix`` (at least ``min_tokens``), and that length."""
+        best: tuple[int, Any, list[tuple[Tensor, Tensor]]] | None = None
+        for entry_key, (tokens, kv) in self._entries.items():
+            if entry_key[:-1] != key:
+                continue
+            n = min(len(tokens), len(prefix))
+            same = int((tokens[:n] == prefix[:n].to(tokens.device)).long().cumprod(0).sum()) if n else 0
+            if same >= self.min_tokens and (best is None or same > best[0]):
+                best = (same, entry_key, kv)
+        if best is None:
+            return None
+        self._entries.move_to_end(best[1])
+        return best[0], best[2]
+
+    def _compute(
+        self, model: Any, key: tuple[Any, ...], prefix: Tensor
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        from rl_distill.rollout.incremental import _cache_layers
+
+        out = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1)
+        try:
+            layers = _cache_layers(out.past_key_values)
+        except NotImplementedError as err:
+            self.disabled_reason = str(err)
+            return None
+        kv = [(layer.keys, layer.values) for layer in layers]
+        self._entries[(*key, tuple(prefix.tolist()))] = (prefix.clone(), kv)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return kv
+
+    def completion_logits(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, num_completion: int, vocab_size: int
+    ) -> Tensor | None:
+        """Logits ``(B, T, V)`` at the completion positions, reusing the prefix cache; None if it does not apply.
+
+        The same contract as :func:`rl_distill.rollout.engine.completion_logits` (call it under
+        ``torch.inference_mode``); None means: run the plain forward instead.
+        """
+        if self.disabled_reason is not None:
+            return None
+        from transformers import DynamicCache
+
+        prompt_width = input_ids.shape[1] - num_completion
+        prefix = self.shared_prefix(input_ids, attention_mask, prompt_width)
+        if len(prefix) < self.min_tokens:
+            return None
+        key = self._key(model)
+        found = self._lookup(key, prefix)
+        if found is None:
+            kv = self._compute(model, key, prefix)
+            if kv is None:
+                return None
+            length = len(prefix)
+            self.misses += 1
+        else:
+            length, kv = found
+            self.hits += 1
+        # Each row: its prompt after the shared prefix, then its completion; left-padded to one width.
+        bsz = input_ids.shape[0]
+        mask = attention_mask.bool()
+        first = (~mask[:, :prompt_width]).long().cumprod(-1).sum(-1)  # (B,)
+        rest = prompt_width - first - length  # (B,) >= 1 prompt tokens after the prefix
+        width = int(rest.max()) + num_completion
+        # Source column of each target column: target j of row i reads column first_i + length + j - pad_i.
+        pad = int(rest.max()) - rest  # (B,) left padding of each row
+        j = torch.arange(width, device=input_ids.device)[None]  # (1, width)
+        src = (first + length - pad)[:, None] + j  # (B, width)
+        real = j >= pad[:, None]
+        src = src.clamp(0, input_ids.shape[1] - 1)
+        ids = torch.where(real, input_ids.gather(1, src), input_ids.new_zeros(()))
+        row_mask = torch.where(real, attention_mask.gather(1, src), attention_mask.new_zeros(()))
+        ids, row_mask = ids[:, :-1], row_mask[:, :-1]  # the last token is not fed (as the plain forward)
+        full_mask = torch.cat([row_mask.new_ones(bsz, length), row_mask], dim=1)
+        positions = position_ids_from_mask(full_mask)[:, length:]
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (k[:, :, :length].expand(bsz, -1, -1, -1), v[:, :, :length].expand(bsz, -1, -1, -1))
+                for k, v in kv
+            ]
+        )
+        out = model(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=num_completion,
+        )
+        logits = out.logits
+        return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits

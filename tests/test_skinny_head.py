@@ -1,0 +1,166 @@
+"""The few-row output head (rl_distill/rollout/skinny_head.py): same logits, switched only where it should be."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rl_distill.models import tiny_llama
+from rl_distill.rollout import RolloutEngine, SamplingConfig
+from rl_distill.rollout import skinny_head as sh
+from rl_distill.rollout.skinny_head import (
+    SKINNY_MAX_ROWS,
+    SKINNY_MIN_ROWS,
+    skinny_linear,
+    skinny_output_head,
+    supports_skinny_head,
+)
+
+PROMPTS = ["1+2=", "hello there, friend", "x", "abc"]
+# A vocabulary head much taller than wide (1024 x 32), as a real LM's (49152 x 576): the switched regime.
+TALL_VOCAB = 1024
+
+
+@pytest.fixture
+def tall_student():
+    return tiny_llama(TALL_VOCAB, hidden_size=32, num_layers=2, seed=3)
+
+
+@pytest.fixture
+def tall_teacher():
+    return tiny_llama(TALL_VOCAB, hidden_size=32, num_layers=2, seed=4)
+
+
+@pytest.mark.parametrize("rows", range(SKINNY_MIN_ROWS, SKINNY_MAX_ROWS + 1))
+@pytest.mark.parametrize("bias", [False, True])
+def test_transposed_product_equals_linear(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(512, 48, generator=gen)
+    b = torch.randn(512, generator=gen) if bias else None
+    x = torch.randn(rows, 1, 48, generator=gen)  # (B, 1, d): a decode step's hidden states
+    assert sh._uses_transposed(x, w)
+    got = skinny_linear(x, w, b)
+    assert got.shape == (rows, 1, 512) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # float32 rounding only: as close to the float64 product as F.linear is, within a small factor.
+    assert (got.double() - exact).abs().max() <= 4 * (F.linear(x, w, b).double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one row", "too many rows", "bfloat16", "autocast", "square weight"],
+)
+def test_outside_the_regime_it_is_linear_bit_for_bit(case):
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(512, 48, generator=gen), torch.randn(4, 48, generator=gen)
+    if case == "one row":
+        x = x[:1]
+    elif case == "too many rows":
+        x = torch.randn(SKINNY_MAX_ROWS + 1, 48, generator=gen)
+    elif case == "bfloat16":
+        w, x = w.bfloat16(), x.bfloat16()
+    elif case == "square weight":
+        w = torch.randn(48, 48, generator=gen)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not sh._uses_transposed(x, w)
+            got, ref = skinny_linear(x, w), F.linear(x, w)
+    else:
+        assert not sh._uses_transposed(x, w)
+        got, ref = skinny_linear(x, w), F.linear(x, w)
+    assert torch.equal(got, ref)
+
+
+def test_switch_is_scoped_and_restored(tall_student):
+    head = tall_student.get_output_embeddings()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        plain = tall_student(input_ids=ids).logits[:, -1]
+        with skinny_output_head(tall_student) as switched:
+            assert switched and "forward" in vars(head)
+            with skinny_output_head(tall_student) as inner:  # nested: the outer block owns the switch
+                assert inner
+            assert "forward" in vars(head)
+            fast = tall_student(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        assert "forward" not in vars(head)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), skinny_output_head(tall_student):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(head)  # restored on error too
+    with skinny_output_head(tall_student, enabled=False) as switched:
+        assert not switched and "forward" not in vars(head)
+
+
+def test_unsupported_heads_are_left_alone(tall_student):
+    assert supports_skinny_head(tall_student)
+
+    class Custom(torch.nn.Linear):  # a subclass may compute something else: not switched
+        pass
+
+    old = tall_student.get_output_embeddings()
+    custom = Custom(old.in_features, old.out_features, bias=False)
+    tall_student.set_output_embeddings(custom)
+    assert not supports_skinny_head(tall_student)
+    with skinny_output_head(tall_student) as switched:
+        assert not switched and "forward" not in vars(custom)
+    assert not supports_skinny_head(torch.nn.Linear(4, 4))  # no get_output_embeddings at all
+
+
+def test_lora_head_is_not_switched(tall_student):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tall_student, peft.LoraConfig(r=2, target_modules=["lm_head"], lora_alpha=4, lora_dropout=0.0)
+    )
+    assert not supports_skinny_head(model)
+
+
+def _count_calls(monkeypatch):
+    calls = {"transposed": 0}
+    real = sh._uses_transposed
+
+    def spy(x, w):
+        used = real(x, w)
+        calls["transposed"] += int(used)
+        return used
+
+    monkeypatch.setattr(sh, "_uses_transposed", spy)
+    return calls
+
+
+@pytest.mark.parametrize("skinny", [True, False])
+def test_engine_generate_uses_it_and_samples_the_same(
+    monkeypatch, tall_student, tall_teacher, tokenizer, skinny
+):
+    calls = _count_calls(monkeypatch)
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=skinny)
+    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=False)
+    sampling = SamplingConfig(max_new_tokens=8)
+    got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
+    forwards = got.completion_ids.shape[1]  # the prefill + one per later token
+    assert calls["transposed"] == (forwards if skinny else 0)
+    calls["transposed"] = 0
+    ref = plain.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
+    assert calls["transposed"] == 0
+    assert "forward" not in vars(tall_student.get_output_embeddings())
+    # Same tokens (the logits differ by float32 rounding only), same log-probs to rounding.
+    assert torch.equal(got.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+
+
+def test_incremental_scorer_uses_it_and_matches_the_teacher_forward(
+    monkeypatch, tall_student, tall_teacher, tokenizer
+):
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
+    rollout = engine.rollout(
+        PROMPTS, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(1)
+    )
+    calls = _count_calls(monkeypatch)
+    scorer = engine.incremental_scorer()
+    assert scorer.skinny_head
+    state = scorer.start(engine.encode(PROMPTS))
+    steps = [
+        scorer.step(state, rollout.completion_ids[:, t], active=rollout.completion_mask[:, t])
+        for t in range(rollout.completion_ids.shape[1])
+    ]
+    assert calls["transposed"] == 1 + len(steps)
+    torch.testing.assert_close(torch.stack(steps, 1), rollout.teacher_logprobs, rtol=0, atol=1e-5)
