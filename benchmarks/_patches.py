@@ -27,55 +27,36 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _replace(owner: Any, name: str, replacement: Any) -> Callable[[], None]:
+    """Set ``owner.name = replacement``; returns the undo (which puts the original back)."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    return lambda: setattr(owner, name, original)
+
+
+def _returns_none(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def patch_recompute_grad() -> Callable[[], None]:
     """Make the divergences take the recomputing backward (no fused gradient); returns the undo."""
     import rl_distill.divergences as div
 
-    original = div._row_value_and_grad
-
-    def no_closed_form(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    div._row_value_and_grad = no_closed_form  # type: ignore[assignment]
-
-    def undo() -> None:
-        div._row_value_and_grad = original
-
-    return undo
+    return _replace(div, "_row_value_and_grad", _returns_none)
 
 
 def patch_linear_head() -> Callable[[], None]:
     """Make every ``skinny_output_head`` block a no-op (the model's ``F.linear`` head); returns the undo."""
     import rl_distill.rollout.skinny_head as sh
 
-    original = sh.supports_skinny_head
-
-    def never(model: Any) -> bool:
-        return False
-
-    sh.supports_skinny_head = never  # type: ignore[assignment]
-
-    def undo() -> None:
-        sh.supports_skinny_head = original
-
-    return undo
+    return _replace(sh, "supports_skinny_head", lambda model: False)
 
 
 def patch_no_prefix_cache() -> Callable[[], None]:
     """Make the teacher's shared-prefix cache always decline (the plain forward); returns the undo."""
     from rl_distill.rollout.prefix_cache import PrefixKVCache
 
-    original = PrefixKVCache.completion_logits
-
-    def decline(self: Any, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    PrefixKVCache.completion_logits = decline  # type: ignore[assignment,method-assign]
-
-    def undo() -> None:
-        PrefixKVCache.completion_logits = original  # type: ignore[method-assign]
-
-    return undo
+    return _replace(PrefixKVCache, "completion_logits", _returns_none)
 
 
 #: name -> installer returning an undo callable.

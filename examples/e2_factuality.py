@@ -487,6 +487,132 @@ def verdict(
     return "\n".join(out) + "\n"
 
 
+def paired(runs: list[dict[str, Any]], method: str, other: str, key: str) -> dict[str, Any] | None:
+    """Per-seed differences ``method - other`` of ``extra[key]``: mean, min, max, seeds (None if no common seed)."""
+    a = {r["seed"]: r["extra"][key] for r in runs if r["method"] == method}
+    b = {r["seed"]: r["extra"][key] for r in runs if r["method"] == other}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    return {"mean": sum(d) / len(d), "min": min(d), "max": max(d), "seeds": seeds, "diffs": d}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def comparisons(runs: list[dict[str, Any]], points: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The controls' paired differences (sampled claim-check hallucination and multi-reference ROUGE-2).
+
+    For every mixed ``0 < alpha < 1``: against RL alone (``alpha = 0``) and against RLEF*; pure GKD
+    (``alpha = 1``) against RL alone; and each method's rate against the starting student's.
+    """
+    alphas = sorted({r["alpha"] for r in runs if r["method"] != RLEF})
+    mixed = [a for a in alphas if 0.0 < a < 1.0]
+    keys = {"claim": "sampled/claim_hallucination", "rouge": "sampled/rouge2_multi"}
+    out: dict[str, Any] = {"vs_rl_only": {}, "vs_rlef": {}, "gkd_vs_rl_only": None}
+    for a in mixed:
+        m = f"alpha={a}"
+        out["vs_rl_only"][m] = {k: paired(runs, m, "alpha=0.0", v) for k, v in keys.items()}
+        out["vs_rlef"][m] = {k: paired(runs, m, RLEF, v) for k, v in keys.items()}
+    if 1.0 in alphas and 0.0 in alphas:
+        out["gkd_vs_rl_only"] = {k: paired(runs, "alpha=1.0", "alpha=0.0", v) for k, v in keys.items()}
+    return out
+
+
+def _diff(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{_signed(p['mean'])} (seeds {', '.join(_signed(d) for d in p['diffs'])})"
+
+
+def verdict_section(
+    runs: list[dict[str, Any]],
+    points: dict[str, dict[str, float]],
+    sweep: dict[str, Any],
+    keep: float,
+    steps: int,
+) -> str:
+    """The paired comparisons as a table, and the verdict they support (written from the numbers)."""
+    comp = comparisons(runs, points)
+    lines = [
+        "Paired by seed, sampled summaries: differences in claim-check hallucination (negative: fewer "
+        "hallucinations) and multi-reference ROUGE-2 (positive: closer to a reference).",
+        "",
+        "| comparison | hallucination (claim check) | ROUGE-2 multi |",
+        "|---|---|---|",
+    ]
+    for method, c in comp["vs_rl_only"].items():
+        lines.append(
+            f"| {method.replace('=', ' = ')} minus RL alone (alpha = 0) | {_diff(c['claim'])} | {_diff(c['rouge'])} |"
+        )
+    for method, c in comp["vs_rlef"].items():
+        lines.append(
+            f"| {method.replace('=', ' = ')} minus RLEF* | {_diff(c['claim'])} | {_diff(c['rouge'])} |"
+        )
+    g = comp["gkd_vs_rl_only"]
+    if g is not None:
+        lines.append(f"| alpha = 1 (GKD alone) minus RL alone | {_diff(g['claim'])} | {_diff(g['rouge'])} |")
+
+    # The verdict: does the distillation term add anything over the reward alone or a KL to the start?
+    def better(p: dict[str, Any] | None) -> bool:  # every seed lower (fewer hallucinations)
+        return p is not None and p["max"] < 0
+
+    helps_rl = [m for m, c in comp["vs_rl_only"].items() if better(c["claim"])]
+    helps_rlef = [m for m, c in comp["vs_rlef"].items() if better(c["claim"])]
+    s0, t = points["student before"], points["teacher"]
+    rl = mean_of(runs, "alpha=0.0", "sampled/claim_hallucination") if comp["gkd_vs_rl_only"] else None
+    gkd = mean_of(runs, "alpha=1.0", "sampled/claim_hallucination") if comp["gkd_vs_rl_only"] else None
+    text = ["", "**Verdict.**"]
+    if rl is not None and gkd is not None:
+        text.append(
+            f"The reward is what lowers hallucination: RL alone (alpha = 0) takes the claim-check rate from the "
+            f"starting student's {s0['sampled/claim_hallucination']:.3f} to {rl[0]:.3f} ± {rl[1]:.3f}, while on-policy "
+            f"GKD alone (alpha = 1) stays at {gkd[0]:.3f} ± {gkd[1]:.3f} (the teacher it imitates: "
+            f"{t['sampled/claim_hallucination']:.3f})."
+        )
+    if comp["vs_rl_only"]:
+        rl_part = (
+            f"lowers it below RL alone on every seed for alpha = {', '.join(m[6:] for m in helps_rl)}"
+            if helps_rl
+            else "does not lower it below RL alone on every seed for any alpha"
+        )
+        rlef_part = (
+            f"below RLEF* (the reward with a KL penalty to the starting student) on every seed for alpha = "
+            f"{', '.join(m[6:] for m in helps_rlef)}"
+            if helps_rlef
+            else "nor below RLEF* (the reward with a KL penalty to the starting student) for any alpha"
+        )
+        text.append(f"Mixing in the distillation term (0 < alpha < 1) {rl_part}; {rlef_part}.")
+        if not helps_rl and not helps_rlef:
+            jsd = max(r["after"]["eval/jsd"] for r in runs)
+            t_rouge = points["teacher (validation)"]["sampled/rouge2_multi"]
+            hacked = [row for row in sweep["table"] if row["rouge2_multi"] < keep * t_rouge]
+            hack = (
+                "; the sweep's "
+                + ", ".join(
+                    f"lr {row['lr']:g} (validation ROUGE-2 {row['rouge2_multi']:.3f}, hallucination "
+                    f"{row['claim_hallucination']:.3f} by the claim check but {row['hallucination_rate']:.3f} by the "
+                    "reward's checker)"
+                    for row in hacked
+                )
+                + " is where the reward is hacked, and the regime in which a KL term could matter"
+                if hacked
+                else ""
+            )
+            text.append(
+                "So the paper's Fig. 5 claim, that combining the reward with distillation from the teacher gives a "
+                "student more factual than either alone at kept quality, is **not supported here**: at the "
+                "validation-chosen learning rate the reward alone already improves factuality and ROUGE-2 together, "
+                "and the distillation term has nothing to hold back. Our reading: every trained student stays within "
+                f"a held-out JSD of {jsd:.3f} of the teacher after {steps} steps, so the term that keeps quality has "
+                f"no drift to correct{hack}. A longer run or a larger step, with the learning rate still chosen on "
+                "validation, is the test this leaves open."
+            )
+    return "\n".join(lines + text) + "\n"
+
+
 def plot(
     runs: list[dict[str, Any]], points: dict[str, dict[str, float]], path: Path, rlef_alpha: float | None
 ) -> None:
@@ -563,13 +689,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     if args.report_only:
         args, cached = cached_report(args, args.name)
-        if "sweep" not in cached:  # a page made before the controls: its own layout and settings
-            args.lr = float(cached["settings"]["lr"])
-            body, data = legacy_report_body(
-                args, cached["teacher_report"], cached["reference_points"], cached["runs"]
-            )
-            return write_report(
-                args.name, args, title=LEGACY_TITLE, body=body, data=data, start=start, cached=cached
+        if "sweep" not in cached:
+            raise SystemExit(
+                f"{args.name}.json was made before the controls of issue #13 (no learning-rate sweep, no claim "
+                "check): rerun the experiment to rebuild its page"
             )
         body, data = report_body(args, cached["teacher_report"], cached["reference_points"], cached["sweep"],
                                  cached["runs"])  # fmt: skip
@@ -639,154 +762,16 @@ def report_body(
         + table(runs, points, "sampled", args.rlef_alpha)
         + "\n## Greedy summaries\n\n"
         + table(runs, points, "greedy", args.rlef_alpha)
+        + "\n## The controls, paired by seed\n\n"
+        + verdict_section(runs, points, sweep, args.keep, args.train_steps)
         + "\n## Findings (sampled)\n\n"
         + verdict(runs, points, args.keep, args.rlef_alpha)
         + f"\n![{args.name}.png]({args.name}.png)\n"
     )
-    data = {"teacher_report": report, "reference_points": points, "sweep": sweep, "runs": runs}
-    return body, data
-
-
-# --- pages made before the controls (issue #13) --------------------------------------------------
-# Their JSON has no learning-rate sweep, no claim check and one reference per passage; --report-only
-# rebuilds them in their own layout until they are rerun with the controls.
-LEGACY_TITLE = "E2: RL + GKD for factual consistency (alpha sweep)"
-
-
-LEGACY_METRICS = [
-    ("hallucination_rate", "hallucination rate"),
-    ("factual_score", "factual score"),
-    ("rouge2", "ROUGE-2 F1"),
-    ("length", "length (chars)"),
-]
-
-
-def legacy_table(runs: list[dict[str, Any]], points: dict[str, dict[str, float]], decoding: str) -> str:
-    """Markdown: the reference points and one row per alpha (mean ± std over seeds)."""
-    head = "| model | " + " | ".join(label for _, label in LEGACY_METRICS) + " | JSD to teacher | n |"
-    lines = [head, "|---|" + "---|" * (len(LEGACY_METRICS) + 2)]
-    for name, m in points.items():
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{m[f'{decoding}/{k}']:.3f}" for k, _ in LEGACY_METRICS)
-            + " | - | 1 |"
-        )
-    for alpha in sorted({r["alpha"] for r in runs}):
-        mine = [r for r in runs if r["alpha"] == alpha]
-        cells = [
-            fmt(*group_stats(mine, ["alpha"], lambda r, k=k: r["extra"][f"{decoding}/{k}"])[(alpha,)][:2])
-            for k, _ in LEGACY_METRICS
-        ]
-        jsd = group_stats(mine, ["alpha"], lambda r: r["after"]["eval/jsd"])[(alpha,)]
-        lines.append(
-            f"| student, alpha = {alpha} | " + " | ".join(cells) + f" | {fmt(*jsd[:2])} | {len(mine)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def legacy_claim_check(
-    runs: list[dict[str, Any]], points: dict[str, dict[str, float]], decoding: str, keep: float
-) -> str:
-    """Which alphas give a student more factual than the teacher with ROUGE-2 >= ``keep`` x the teacher's."""
-    teacher = points["teacher"]
-    t_h, t_r = teacher[f"{decoding}/hallucination_rate"], teacher[f"{decoding}/rouge2"]
-    found = []
-    for alpha in sorted({r["alpha"] for r in runs}):
-        mine = [r for r in runs if r["alpha"] == alpha]
-        h = group_stats(mine, ["alpha"], lambda r, d=decoding: r["extra"][f"{d}/hallucination_rate"])[
-            (alpha,)
-        ][0]
-        q = group_stats(mine, ["alpha"], lambda r, d=decoding: r["extra"][f"{d}/rouge2"])[(alpha,)][0]
-        if h < t_h and q >= keep * t_r:
-            found.append(
-                f"alpha = {alpha} (hallucination {h:.3f} vs teacher {t_h:.3f}, ROUGE-2 {q:.3f} vs {t_r:.3f})"
-            )
-    start = points.get("student before")
-    note = ""
-    if start is not None:
-        s_h, s_r = start[f"{decoding}/hallucination_rate"], start[f"{decoding}/rouge2"]
-        already = s_h < t_h and s_r >= keep * t_r
-        note = f" The starting student: hallucination {s_h:.3f}, ROUGE-2 {s_r:.3f}" + (
-            " (it already meets the claim before any training)." if already else "."
-        )
-    if found:
-        return (
-            f"Claim holds ({decoding}): "
-            + "; ".join(found)
-            + f" (ROUGE-2 kept >= {keep:.0%} of the teacher's).{note}\n"
-        )
-    return (
-        f"Claim does not hold ({decoding}): no alpha gives a mean hallucination rate below the teacher's "
-        f"({t_h:.3f}) with ROUGE-2 >= {keep:.0%} of the teacher's ({t_r:.3f}).{note}\n"
-    )
-
-
-def legacy_plot(runs: list[dict[str, Any]], points: dict[str, dict[str, float]], path: Path) -> None:
-    """Factuality (1 - hallucination rate) against ROUGE-2, per alpha, sampled and greedy panels."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    alphas = sorted({r["alpha"] for r in runs})
-    for ax, decoding in zip(axes, ("sampled", "greedy")):
-        for alpha in alphas:
-            mine = [r for r in runs if r["alpha"] == alpha]
-            x = group_stats(mine, ["alpha"], lambda r, d=decoding: r["extra"][f"{d}/rouge2"])[(alpha,)]
-            y = group_stats(mine, ["alpha"], lambda r, d=decoding: 1 - r["extra"][f"{d}/hallucination_rate"])[
-                (alpha,)
-            ]
-            ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], marker="o", capsize=3, label=f"alpha = {alpha}")
-        for name, marker in (("teacher", "*"), ("student before", "s")):
-            m = points[name]
-            ax.scatter(
-                m[f"{decoding}/rouge2"],
-                1 - m[f"{decoding}/hallucination_rate"],
-                marker=marker,
-                s=140,
-                color="k",
-                label=name,
-            )
-        ax.set_xlabel("ROUGE-2 F1 vs reference (quality)")
-        ax.set_ylabel("1 - hallucination rate (factuality)")
-        ax.set_title(f"{decoding} decoding")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("E2: RL + GKD alpha sweep (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def legacy_report_body(  # the layout of pages made before the controls
-    args: argparse.Namespace,
-    report: dict[str, Any],
-    points: dict[str, dict[str, float]],
-    runs: list[dict[str, Any]],
-) -> tuple[str, dict[str, Any]]:
-    """``(markdown body, raw data)`` of the page (the plot is written too)."""
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    legacy_plot(runs, points, results / f"{args.name}.png")
-    rate = report["options"]["hallucination_rate"]
-    body = (
-        f"Teacher trained on `factual_summary` with {rate:.0%} of the training references carrying one "
-        f"unsupported fact (`examples/tiny_teachers.py`, `{relative(args.artifacts)}`). Student: SFT-started on the same "
-        f"noisy data. Eq. 5 with on-policy JSD(0.5) and the factual-consistency reward (leave-one-out "
-        f"baseline), {args.train_steps} steps, batch {args.batch_size}, AdamW lr {args.lr} (10% warm-up, {args.lr_schedule} decay). Held-out: "
-        f"{report['args']['num_eval']} passages, {args.eval_samples} samples each at temperature 1, and greedy.\n\n"
-        "## Sampled summaries (temperature 1: the policy that was trained)\n\n"
-        + legacy_table(runs, points, "sampled")
-        + "\n"
-        + legacy_claim_check(runs, points, "sampled", args.keep)
-        + "\n## Greedy summaries\n\n"
-        + legacy_table(runs, points, "greedy")
-        + "\n"
-        + legacy_claim_check(runs, points, "greedy", args.keep)
-        + f"\n![{args.name}.png]({args.name}.png)\n"
-    )
     data = {
-        "teacher_report": report,
-        "reference_points": points,
-        "runs": runs,
-    }
+        "teacher_report": report, "reference_points": points, "sweep": sweep, "runs": runs,
+        "comparisons": comparisons(runs, points),
+    }  # fmt: skip
     return body, data
 
 

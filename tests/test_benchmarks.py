@@ -302,3 +302,29 @@ def test_perf_round2_smoke_and_report(tmp_path):
     assert "| 1 | 0.3000 | 0.3000 |" in blocks["r2_quality"]
     assert "lever 1: fused vs recompute" in blocks["r2_ratios"] and "not measured" in blocks["r2_ratios"]
     assert "sum of phases" in blocks["r2_phases"] and "not measured" in blocks["r2_summary"]
+
+
+def test_lever_switches_turn_the_levers_off_and_are_undone(tokenizer):
+    """``linear_head`` and ``no_prefix_cache`` make the engine take the plain paths, then put them back."""
+    import copy
+
+    from rl_distill.models import tiny_llama
+    from rl_distill.rollout import RolloutEngine, SamplingConfig
+    from rl_distill.rollout import skinny_head as sh
+
+    tall = tiny_llama(1024, hidden_size=32, num_layers=1, seed=0)  # a vocabulary-shaped head
+    engine = RolloutEngine(tall, tiny_llama(1024, hidden_size=32, num_layers=1, seed=1), tokenizer)
+    prompts = ["shared instruction: " + p for p in ("1+1", "2+2", "3+3")]
+    rollout = engine.generate(
+        prompts, SamplingConfig(max_new_tokens=4), generator=torch.Generator().manual_seed(0)
+    )
+    undo = apply_patches(["linear_head", "no_prefix_cache"])
+    try:
+        assert not sh.supports_skinny_head(tall)
+        engine.score(copy.copy(rollout))
+        assert (engine.prefix_cache.hits, engine.prefix_cache.misses) == (0, 0)
+    finally:
+        undo()
+    assert sh.supports_skinny_head(tall)
+    engine.score(copy.copy(rollout))
+    assert engine.prefix_cache.misses == 1
