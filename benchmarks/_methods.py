@@ -9,6 +9,8 @@ Methods (:data:`METHODS`):
   ``F.linear`` head when sampling, :mod:`benchmarks._patches` ``linear_head``): the decode lever alone;
 - ``ours_no_prefix_cache``: ``ours`` with the teacher's shared-prompt-prefix cache off
   (:mod:`benchmarks._patches` ``no_prefix_cache``): lever 4 alone;
+- ``ours_dense_embedding_grad``: ``ours`` with the model's own (dense-gradient) embedding lookup
+  (:mod:`benchmarks._patches` ``dense_embedding_grad``): the memory lever alone;
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -481,6 +483,9 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     ),
     "ours_no_prefix_cache": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("no_prefix_cache",), name="ours_no_prefix_cache"
+    ),
+    "ours_dense_embedding_grad": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("dense_embedding_grad",), name="ours_dense_embedding_grad"
     ),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),

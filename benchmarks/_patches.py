@@ -14,6 +14,9 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
   switched off for every engine): the decode lever alone.
 - ``no_prefix_cache``: the teacher scores every row from its first token (the engine's
   ``teacher_prefix_cache`` off, :mod:`rl_distill.rollout.prefix_cache`): lever 4 alone.
+- ``dense_embedding_grad``: the student's tokens embedded by the model itself (dense lookup
+  gradient) instead of the engine's sparse-gradient lookup (``sparse_grad_embeddings``): the
+  memory lever alone.
 
 History (issue #12, #18): ``inverse_cdf_sampling`` (the engine samples by inverse CDF since
 07b5d6f), ``small_chunks`` (2**20 elements; the library default is 2**19 since 247e0a2) and the
@@ -59,11 +62,19 @@ def patch_no_prefix_cache() -> Callable[[], None]:
     return _replace(PrefixKVCache, "completion_logits", _returns_none)
 
 
+def patch_dense_embedding_grad() -> Callable[[], None]:
+    """Make ``sparse_grad_embeddings`` decline (the model's own dense-gradient lookup); returns the undo."""
+    import rl_distill.rollout.engine as engine
+
+    return _replace(engine, "sparse_grad_embeddings", _returns_none)
+
+
 #: name -> installer returning an undo callable.
 PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "recompute_grad": patch_recompute_grad,
     "linear_head": patch_linear_head,
     "no_prefix_cache": patch_no_prefix_cache,
+    "dense_embedding_grad": patch_dense_embedding_grad,
 }
 
 

@@ -68,6 +68,8 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     "ours_linear_head": ("ours_linear_head", {}, "core"),
     # lever 4 alone: the teacher's shared-prompt-prefix KV cache off
     "ours_no_prefix_cache": ("ours_no_prefix_cache", {}, "core"),
+    # the memory lever alone: the student's embedding lookup with its dense gradient
+    "ours_dense_embedding_grad": ("ours_dense_embedding_grad", {}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -91,6 +93,7 @@ PAIRS: dict[str, tuple[str, str]] = {
     "lever 2: bf16 vs fp32": ("ours_bf16", "ours"),
     "decode lever: skinny head vs F.linear head": ("ours", "ours_linear_head"),
     "lever 4: teacher prefix cache vs none": ("ours", "ours_no_prefix_cache"),
+    "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
 }
 
 

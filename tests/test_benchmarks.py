@@ -328,3 +328,17 @@ def test_lever_switches_turn_the_levers_off_and_are_undone(tokenizer):
     assert sh.supports_skinny_head(tall)
     engine.score(copy.copy(rollout))
     assert engine.prefix_cache.misses == 1
+
+
+def test_dense_embedding_grad_switch_declines_and_is_undone(tokenizer):
+    from rl_distill.models import tiny_llama
+    from rl_distill.rollout import engine as engine_mod
+
+    model = tiny_llama(len(tokenizer), hidden_size=16, num_layers=1, tie_word_embeddings=True)
+    ids = torch.tensor([[3, 4, 5]])
+    undo = apply_patches(["dense_embedding_grad"])
+    try:
+        assert engine_mod.sparse_grad_embeddings(model, ids) is None
+    finally:
+        undo()
+    assert engine_mod.sparse_grad_embeddings(model, ids) is not None

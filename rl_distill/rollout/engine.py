@@ -205,6 +205,58 @@ class Rollout:
         return self.prompt_ids.shape[0]
 
 
+class _SparseGradEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose backward returns a sparse gradient (the rows of ``ids`` only).
+
+    For a tied input/output embedding the weight's gradient is the sum of the output head's dense
+    ``(V, d)`` gradient and the lookup's; the lookup's dense gradient (``embedding_dense_backward``) is a
+    second ``(V, d)`` tensor alive while the two are added (113 MB for SmolLM2). Sparse, it is added
+    into the dense one in place: same sum (to float rounding), one ``(V, d)`` tensor fewer at the
+    backward's peak. ``padding_idx`` rows get no gradient, as in ``F.embedding``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, padding_idx: int | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.padding_idx = weight.shape, padding_idx
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        flat = ids.reshape(-1)
+        values = grad.reshape(flat.numel(), -1)
+        if ctx.padding_idx is not None:
+            values = values.masked_fill((flat == ctx.padding_idx)[:, None], 0.0)
+        return None, torch.sparse_coo_tensor(flat[None], values, ctx.shape, check_invariants=False), None
+
+
+def sparse_grad_embeddings(model: Any, input_ids: Tensor) -> Tensor | None:
+    """The input embeddings of ``input_ids`` through :class:`_SparseGradEmbedding`, or None where it does not apply.
+
+    It applies when gradients are on and the model's input embedding is a plain ``nn.Embedding``
+    (no ``max_norm``, ``scale_grad_by_freq`` or ``sparse``) whose trainable weight is *tied* to the
+    output head (the head's dense gradient makes the weight's summed gradient dense again, as every
+    optimizer expects); otherwise the model embeds ``input_ids`` itself.
+    """
+    if not torch.is_grad_enabled():
+        return None
+    get_in, get_out = (
+        getattr(model, "get_input_embeddings", None),
+        getattr(model, "get_output_embeddings", None),
+    )
+    if not callable(get_in) or not callable(get_out):
+        return None
+    emb, head = get_in(), get_out()
+    if type(emb) is not torch.nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight:
+        return None
+    if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse or not emb.weight.requires_grad:
+        return None
+    if type(emb.weight) is not torch.nn.Parameter:  # e.g. an FSDP DTensor
+        return None
+    return _SparseGradEmbedding.apply(input_ids, emb.weight, emb.padding_idx)
+
+
 def completion_forward(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -213,6 +265,7 @@ def completion_forward(
     vocab_size: int,
     *,
     output_hidden_states: bool = False,
+    sparse_embedding_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (and optionally last hidden states) at the completion positions, from one causal forward.
 
@@ -227,14 +280,19 @@ def completion_forward(
         vocab_size: the tokenizer's vocabulary size; wider logits (padding rows) are cut off.
         output_hidden_states: also return the last layer's hidden states at the same positions
             (what a value head reads), from the same forward.
+        sparse_embedding_grad: embed the tokens with a sparse-gradient lookup when the input and
+            output embeddings are tied (:func:`sparse_grad_embeddings`): one ``(V, d)`` gradient
+            tensor fewer at the backward's peak, the same gradient to float rounding.
 
     Returns:
         ``(B, T, V)`` logits, where ``[:, t]`` is the distribution of completion token ``t``, and
         ``(B, T, H)`` hidden states of the positions that predict them (None unless asked).
     """
     ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    embeds = sparse_grad_embeddings(model, ids) if sparse_embedding_grad else None
     out = model(
-        input_ids=ids,
+        input_ids=ids if embeds is None else None,
+        inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=position_ids_from_mask(mask),
         use_cache=False,
@@ -349,6 +407,9 @@ class RolloutEngine:
             (a chat template's system turn, a fixed instruction) across :meth:`score` calls
             (:mod:`rl_distill.rollout.prefix_cache`; equal to float32 rounding). Off for sharded
             teachers (:attr:`lockstep` set).
+        sparse_embedding_grad: the student's gradient forward embeds its tokens with a
+            sparse-gradient lookup when its input and output embeddings are tied
+            (:func:`sparse_grad_embeddings`: less peak memory in backward, same gradient to rounding).
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -365,9 +426,11 @@ class RolloutEngine:
         stop_token_ids: Sequence[int] = (),
         skinny_head: bool = True,
         teacher_prefix_cache: bool = True,
+        sparse_embedding_grad: bool = True,
     ) -> None:
         self.student = student
         self.skinny_head = skinny_head
+        self.sparse_embedding_grad = sparse_embedding_grad
         #: The teacher's shared-prefix KV cache (None: off); ``hits``/``misses`` count its use.
         self.prefix_cache: PrefixKVCache | None = PrefixKVCache() if teacher_prefix_cache else None
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
@@ -754,6 +817,7 @@ class RolloutEngine:
             rollout.completion_ids.shape[1],
             self.vocab_size,
             output_hidden_states=output_hidden_states,
+            sparse_embedding_grad=self.sparse_embedding_grad,
         )
 
     def rollout(
