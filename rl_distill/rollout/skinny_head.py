@@ -6,8 +6,8 @@ against the whole vocabulary: ``logits = h @ W.T`` with ``W`` the ``(V, d)`` out
 six decoder layers together). For that shape oneDNN/MKL's few-row kernel (``F.linear``, what every
 Hugging Face ``lm_head`` calls) streams ``W`` at a fraction of the machine's bandwidth, while the same
 product written the other way round, ``(W @ h.T).T`` (a tall matrix times a few columns), runs at close
-to it: ``benchmarks/perf_round2.py --sections head`` measures both on the machine at hand
-(``docs/results/performance.md``, section "output head").
+to it: the ``decode`` section of ``benchmarks/perf_round2.py`` measures both on the machine at hand
+(its ``head`` table in ``docs/results/performance.md``, section 3: 2.0-6.2x faster at 2-8 rows, 1.0-1.2x at 1 and 16).
 
 :func:`skinny_output_head` switches a model's output head to that product for the duration of a
 ``with`` block (the rollout engine's decode loop, the environment's incremental scorer), and only
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Largest number of rows computed as ``(W @ h.T).T``: the few-row regime of decoding where the
-#: benchmark measured it faster (``benchmarks/results/perf_round2.json``, section ``head``).
+#: benchmark measured it clearly faster (``benchmarks/results/perf_round2.json``, ``decode.head``).
 SKINNY_MAX_ROWS = 8
 #: Smallest number of rows (one row is a matrix-vector product either way).
 SKINNY_MIN_ROWS = 2
