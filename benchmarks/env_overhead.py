@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny-hidden", type=int, default=64, help="hidden size of the tiny teacher")
     parser.add_argument("--tiny-layers", type=int, default=4, help="layers of the tiny teacher")
     parser.add_argument("--task", default="instructions", help="prompt source (a built-in task)")
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype the teacher is stored in (both paths; the student stays float32), as model.teacher_dtype",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of each path")
@@ -82,7 +88,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, list[str]]:
         tokenizer = load_tokenizer(args.teacher)
         teacher = load_causal_lm(args.teacher)
         layers = args.student_layers or 6
-    student = make_kept_layer_student(teacher, num_layers=layers).eval()
+    student = make_kept_layer_student(teacher, num_layers=layers).eval()  # from the float32 teacher
+    teacher = teacher.to(getattr(torch, args.teacher_dtype))
     prompts = [ex.prompt for ex in load_task(args.task, seed=args.seed).train[: args.batch_size]]
     return teacher, student, tokenizer, prompts
 
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {
             "teacher": args.teacher,
             "teacher_layers": teacher.config.num_hidden_layers,
+            "teacher_dtype": args.teacher_dtype,
             "student_layers": student.config.num_hidden_layers,
             "batch_size": len(prompts),
             "max_new_tokens": args.max_new_tokens,

@@ -14,7 +14,8 @@ short keeps what it measured, and running a subset updates only that part):
   fresh process, alternated across ``--repeats`` repeats, every repeat recorded;
 - ``memory``: ``benchmarks/divergence_memory.py`` on the current code (JSD(0.5) forward + backward,
   B = 8, T = 256, V = 49152; fused gradient and the old recomputing backward);
-- ``env``: ``benchmarks/env_overhead.py`` on SmolLM2 at B = 8;
+- ``env``: ``benchmarks/env_overhead.py`` on SmolLM2 at B = 8; ``env_bf16`` (not in the default
+  sections): the same with the teacher stored in bfloat16 on both paths;
 - ``quality``: held-out divergences after the main job, fp32 against bf16, from the ``summary.json``
   of runs made with ``rl-distill train`` (``--quality-dir``, folders named ``{fp32,bf16}_s{SEED}``).
 
@@ -47,7 +48,7 @@ from torch import Tensor  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import TRL_METHODS, BenchSpec  # noqa: E402
 
-SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality")
+SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality", "env_bf16")
 DEFAULT_OUT = H.ROOT / "benchmarks" / "results" / "perf_round2.json"
 
 #: The step configurations: name -> (method, spec overrides, group). Groups run one after the other
@@ -429,9 +430,14 @@ def run_memory(tiny: bool, threads: int) -> dict[str, Any]:
     )
 
 
-def run_env(tiny: bool, threads: int, repeats: int) -> dict[str, Any]:
-    """``env_overhead`` at B = 8 (SmolLM2 and its 6-layer student; ``tiny``: the tiny models)."""
+def run_env(tiny: bool, threads: int, repeats: int, teacher_dtype: str = "float32") -> dict[str, Any]:
+    """``env_overhead`` at B = 8 (SmolLM2 and its 6-layer student; ``tiny``: the tiny models).
+
+    ``teacher_dtype="bfloat16"`` (section ``env_bf16``): the teacher stored in bfloat16 on both paths
+    (``model.teacher_dtype``), the environment's per-token teacher steps streaming half the bytes.
+    """
     argv = ["--batch-size", "8", "--repeats", str(repeats), "--warmup", "1", "--threads", str(threads)]
+    argv += ["--teacher-dtype", teacher_dtype]
     if tiny:
         argv += [
             "--tiny-hidden",
@@ -550,6 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # memory and env first: short and fixed; the step runs then fill the budget, the largest last
     section("memory", lambda: run_memory(tiny, args.threads))
     section("env", lambda: run_env(tiny, args.threads, args.env_repeats))
+    section("env_bf16", lambda: run_env(tiny, args.threads, args.env_repeats, "bfloat16"))
     if "steps" in args.sections:
         configs = plan_specs(base, args.big_steps)
         if args.configs:

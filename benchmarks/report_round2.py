@@ -529,8 +529,23 @@ def env_block(results: Path = RESULTS) -> str:
             f"{s['max_new_tokens']} new tokens, {s['student_layers']}-layer student, median of {s['repeats']} rounds "
             f"after {s['warmup']} warm-up; 1-minute load average before {env['machine']['load_average_before_after'][0][0]:.2f}, "
             f"after {env['machine']['load_average_before_after'][1][0]:.2f}).",
+            *_env_bf16_lines(data.get("env_bf16"), env),
         ]
     )
+
+
+def _env_bf16_lines(bf16: dict[str, Any] | None, fp32: dict[str, Any]) -> list[str]:
+    """The ``env_bf16`` section (teacher stored in bfloat16 on both paths), next to the float32 run."""
+    if bf16 is None:
+        return []
+    f, e = bf16["floor"], bf16["env"]
+    return [
+        "",
+        f"With the teacher stored in bfloat16 on both paths (`model.teacher_dtype: bfloat16`, section `env_bf16`): "
+        f"floor {f['seconds']:.3f} s per round (teacher {f['teacher']:.3f} s), env {e['seconds']:.3f} s (env.step "
+        f"{e['env_step']:.3f} s); env / floor **{_x(bf16['time_ratio_env_over_floor'])}**; the environment's "
+        f"throughput {e['tokens_per_s']:.1f} tokens/s against {fp32['env']['tokens_per_s']:.1f} with the float32 teacher.",
+    ]
 
 
 def meta_block(results: Path = RESULTS) -> str:

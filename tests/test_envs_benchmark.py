@@ -32,3 +32,14 @@ def test_env_overhead_benchmark_runs_and_writes_json(tmp_path):
     assert 0 < result["floor"]["tokens"] <= 2 * 3
     assert result["env"]["tokens_per_s"] > 0 and result["floor"]["tokens_per_s"] > 0
     assert result["time_ratio_env_over_floor"] > 0
+
+
+def test_bf16_teacher_only_the_teacher_changes_dtype():
+    import argparse
+
+    bench = load_benchmark()
+    args = bench.parse_args(["--tiny-hidden", "16", "--tiny-layers", "2", "--teacher-dtype", "bfloat16"])
+    teacher, student, _, prompts = bench.build(args)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}  # kept layers copied before the cast
+    assert isinstance(args, argparse.Namespace) and prompts
