@@ -596,11 +596,35 @@ def test_readme_rows_without_json_are_marked_and_match_their_pages():
     text = readme_results()
     main = next(line for line in text.splitlines() if line.startswith("| main job |"))
     env = next(line for line in text.splitlines() if line.startswith("| environment overhead |"))
-    assert "no raw JSON committed" in main and "raw JSON was not committed" in env
-    before, after, seconds = grab(r"JSD\(0.5\) ([\d.]+) -> ([\d.]+) in 100 steps, (\d+) s", main)
+    assert "raw JSON was not committed" in env
+    # The main job's row, the README's table and foundation.md's current section: from main_job.json.
+    job = raw("main_job.json")
+    b, a = job["summary"]["before"], job["summary"]["after"]
+    total = job["summary"]["total_seconds"]
+    assert f"held-out JSD(0.5) {b['eval/jsd']:.4f} -> {a['eval/jsd']:.4f} in 100 steps, {total:.0f} s" in main
+    assert "docs/results/main_job.json" in main
     foundation = doc("foundation.md")
-    assert f"| JSD(0.5) | {before} | {after} |" in foundation and f"whole job {seconds}." in foundation
-    assert "No raw JSON was committed" in foundation
+    for key, name in (
+        ("eval/jsd", "JSD(0.5)"),
+        ("eval/forward_kl", "forward KL(pT‖pS)"),
+        ("eval/reverse_kl", "reverse KL(pS‖pT)"),
+        ("eval/teacher_logprob", "teacher log-prob per student token"),
+    ):
+        assert f"| {name} | {b[key]:.4f} | {a[key]:.4f} |" in foundation, key
+    steps = job["median_step_seconds"]
+    assert (
+        f"Training loop {job['summary']['train_seconds']:.1f} s (median step {steps['time/step']:.2f} s"
+        in foundation
+    )
+    assert f"whole job {total:.1f} s" in foundation
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"| JSD(0.5) (the training divergence) | {b['eval/jsd']:.4f} | {a['eval/jsd']:.4f} |" in readme
+    assert f"| forward KL  KL(pT‖pS) | {b['eval/forward_kl']:.3f} | {a['eval/forward_kl']:.3f} |" in readme
+    assert f"| reverse KL  KL(pS‖pT) | {b['eval/reverse_kl']:.3f} | {a['eval/reverse_kl']:.3f} |" in readme
+    assert (
+        f"Training took {job['summary']['train_seconds']:.0f} s (median step {steps['time/step']:.2f} s)"
+        in readme
+    )
     b8, b32 = grab(r"at B = 8 on SmolLM2: ([\d.]+)x, re-measured .* B = 32: ([\d.]+)x in round 1", env)
     overhead = doc("env_overhead.md")
     assert f"**{b32}x**" in overhead and "were not committed" in overhead
