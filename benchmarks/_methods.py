@@ -7,6 +7,8 @@ Methods (:data:`METHODS`):
   recomputing backward, :mod:`benchmarks._patches` ``recompute_grad``): lever 1 of issue #18 alone;
 - ``ours_linear_head``: ``ours`` with the few-row decode head switched off (the model's own
   ``F.linear`` head when sampling, :mod:`benchmarks._patches` ``linear_head``): the decode lever alone;
+- ``ours_linear_layers``: ``ours`` with the decoder layers' few-row products switched off (``F.linear``
+  in every decoder layer when sampling, :mod:`benchmarks._patches` ``linear_layers``): that lever alone;
 - ``ours_no_prefix_cache``: ``ours`` with the teacher's shared-prompt-prefix cache off
   (:mod:`benchmarks._patches` ``no_prefix_cache``): lever 4 alone;
 - ``ours_dense_embedding_grad``: ``ours`` with the model's own (dense-gradient) embedding lookup
@@ -480,6 +482,9 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     ),
     "ours_linear_head": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("linear_head",), name="ours_linear_head"
+    ),
+    "ours_linear_layers": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("linear_layers",), name="ours_linear_layers"
     ),
     "ours_no_prefix_cache": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("no_prefix_cache",), name="ours_no_prefix_cache"

@@ -12,6 +12,9 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
 - ``linear_head``: the decode steps' logits through the model's own ``F.linear`` head instead of
   the few-row product of :mod:`rl_distill.rollout.skinny_head` (the engine's ``skinny_head``
   switched off for every engine): the decode lever alone.
+- ``linear_layers``: the decoder layers' linear maps through ``F.linear`` at every row count
+  (:data:`rl_distill.rollout.skinny_head.SKINNY_LAYER_MAX_ROWS` set to 0; the engine's
+  ``skinny_layers`` off for every engine, the output head still switched): the layer lever alone.
 - ``no_prefix_cache``: the teacher scores every row from its first token (the engine's
   ``teacher_prefix_cache`` off, :mod:`rl_distill.rollout.prefix_cache`): lever 4 alone.
 - ``dense_embedding_grad``: the student's tokens embedded by the model itself (dense lookup
@@ -55,6 +58,13 @@ def patch_linear_head() -> Callable[[], None]:
     return _replace(sh, "supports_skinny_head", lambda model: False)
 
 
+def patch_linear_layers() -> Callable[[], None]:
+    """Make the decoder layers' few-row product never apply (``F.linear`` throughout); returns the undo."""
+    import rl_distill.rollout.skinny_head as sh
+
+    return _replace(sh, "SKINNY_LAYER_MAX_ROWS", 0)
+
+
 def patch_no_prefix_cache() -> Callable[[], None]:
     """Make the teacher's shared-prefix cache always decline (the plain forward); returns the undo."""
     from rl_distill.rollout.prefix_cache import PrefixKVCache
@@ -73,6 +83,7 @@ def patch_dense_embedding_grad() -> Callable[[], None]:
 PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "recompute_grad": patch_recompute_grad,
     "linear_head": patch_linear_head,
+    "linear_layers": patch_linear_layers,
     "no_prefix_cache": patch_no_prefix_cache,
     "dense_embedding_grad": patch_dense_embedding_grad,
 }

@@ -26,6 +26,12 @@ a smoke run of seconds (``tests/test_benchmarks.py``).
 Example (the recorded run; see the page for the exact command and machine)::
 
     python benchmarks/perf_round2.py --out benchmarks/results/perf_round2.json
+
+The two headline pairs (fp32 and bf16 against DistillationTrainer) repeated more often, into their
+own file, whose repeats the page pools with the full run's (``report_round2.pooled_ratios``)::
+
+    python benchmarks/perf_round2.py --sections steps --configs ours trl_distillation ours_bf16 \
+        trl_distillation_bf16 --repeats 8 --out benchmarks/results/perf_round2_headline.json
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     "ours_recompute": ("ours_recompute", {}, "core"),
     # the decode lever alone: the few-row output head off (the model's F.linear head when sampling)
     "ours_linear_head": ("ours_linear_head", {}, "core"),
+    # the layer lever alone: the decoder layers' few-row products off (F.linear in every layer when sampling)
+    "ours_linear_layers": ("ours_linear_layers", {}, "core"),
     # lever 4 alone: the teacher's shared-prompt-prefix KV cache off
     "ours_no_prefix_cache": ("ours_no_prefix_cache", {}, "core"),
     # the memory lever alone: the student's embedding lookup with its dense gradient
@@ -93,6 +101,7 @@ PAIRS: dict[str, tuple[str, str]] = {
     "lever 1: fused vs recompute": ("ours", "ours_recompute"),
     "lever 2: bf16 vs fp32": ("ours_bf16", "ours"),
     "decode lever: skinny head vs F.linear head": ("ours", "ours_linear_head"),
+    "decode lever: skinny decoder layers vs F.linear layers": ("ours", "ours_linear_layers"),
     "lever 4: teacher prefix cache vs none": ("ours", "ours_no_prefix_cache"),
     "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
 }
@@ -249,12 +258,61 @@ def measure_head(
     return out
 
 
+def measure_layer_products(
+    model: Any, repeats: int = 5, rows: tuple[int, ...] = (1, 2, 4, 6, 8, 16)
+) -> dict[str, Any]:
+    """The decoder layers' linear maps alone (float32): ``F.linear`` against ``(W @ h.T).T``.
+
+    For each projection name (``q_proj``, ..., ``down_proj``) one call is a product with that
+    projection's weight in *every* layer in turn (so the weights stream from memory as in a decode
+    step, not from a warm cache); reported per product, the median over ``repeats`` of the mean of 5
+    calls, in ms. What :data:`rl_distill.rollout.skinny_head.SKINNY_LAYER_MAX_ROWS` rests on.
+    """
+    import torch.nn.functional as F
+
+    from rl_distill.rollout import skinny_head as sh
+
+    head = model.get_output_embeddings()
+    by_name: dict[str, list[Tensor]] = {}
+    for name, module in model.named_modules():
+        if module is not head and sh._plain_linear(module):
+            by_name.setdefault(name.rsplit(".", 1)[-1], []).append(module.weight.detach())
+
+    def timed(fn: Any, weights: list[Tensor]) -> float:
+        for w in weights:
+            fn(w)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(5):
+                for w in weights:
+                    fn(w)
+            times.append((time.perf_counter() - start) / (5 * len(weights)) * 1e3)
+        return statistics.median(times)
+
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"repeats": repeats, "rows": list(rows), "layers": 0, "ms": {}}
+    for name, weights in by_name.items():
+        out["layers"] = len(weights)
+        cells: dict[str, Any] = {"shape": list(weights[0].shape)}
+        for n in rows:
+            h = torch.randn(n, weights[0].shape[1], generator=gen)
+            cells[str(n)] = {
+                "linear": timed(lambda w, h=h: F.linear(h, w), weights),
+                "transposed": timed(lambda w, h=h: torch.mm(w, h.t()).t().contiguous(), weights),
+            }
+        out["ms"][name] = cells
+    return out
+
+
 def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
     """Per-token decode of the student: engine ``generate`` (sampling included) and greedy model loops.
 
     ``generate`` per token = (generate - prefill) / (T - 1): the 31 one-token forwards plus the
     engine's sampling and bookkeeping; ``generate_linear_head`` the same with the engine's few-row
-    output head off (``skinny_head=False``). ``head``: :func:`measure_head` on the student's head. The greedy loops time the one-token forwards alone, with the
+    output head off (``skinny_head=False``), ``generate_linear_layers`` with the decoder layers'
+    few-row products off (``skinny_layers=False``). ``head``: :func:`measure_head` on the student's
+    head; ``layers``: :func:`measure_layer_products` on its decoder layers. The greedy loops time the one-token forwards alone, with the
     dynamic cache (the engine's) and a static one (``transformers.StaticCache``); their last logits
     are compared. Each is measured in fp32 and under bf16 autocast (``train.precision: bf16``).
     """
@@ -287,11 +345,14 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
         "floor_ms_per_token_bf16": weight_bytes / 2 / bandwidth * 1e3,
     }
     out["head"] = measure_head(student.get_output_embeddings().weight.detach(), repeats=max(repeats, 5))
+    out["layers"] = measure_layer_products(student, repeats=max(repeats, 5))
     linear_engine = RolloutEngine(student, teacher, tokenizer, skinny_head=False)
+    linear_layers_engine = RolloutEngine(student, teacher, tokenizer, skinny_layers=False)
     gen = torch.Generator().manual_seed(spec.seed)
     for precision in ("fp32", "bf16"):
         rows: dict[str, list[float]] = {
-            "generate": [], "generate_linear_head": [], "prefill": [], "dynamic": [], "static": [],
+            "generate": [], "generate_linear_head": [], "generate_linear_layers": [], "prefill": [],
+            "dynamic": [], "static": [],
         }  # fmt: skip
         with torch.no_grad(), autocast(precision, spec.device):
             for r in range(repeats + 1):  # the first round warms up
@@ -301,6 +362,9 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 start = time.perf_counter()
                 rollout_lin = linear_engine.generate(batch, sampling, generator=gen)
                 t_lin = time.perf_counter() - start
+                start = time.perf_counter()
+                rollout_lay = linear_layers_engine.generate(batch, sampling, generator=gen)
+                t_lay = time.perf_counter() - start
                 start = time.perf_counter()
                 student(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -321,6 +385,8 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 rows["generate"].append((t_gen - t_pre) / max(1, width - 1) * 1e3)
                 width_lin = rollout_lin.completion_ids.shape[1]
                 rows["generate_linear_head"].append((t_lin - t_pre) / max(1, width_lin - 1) * 1e3)
+                width_lay = rollout_lay.completion_ids.shape[1]
+                rows["generate_linear_layers"].append((t_lay - t_pre) / max(1, width_lay - 1) * 1e3)
                 rows["prefill"].append(t_pre * 1e3)
                 rows["dynamic"].append(t_dyn / steps * 1e3)
                 if static_error is None:

@@ -10,8 +10,8 @@ and ``python -m benchmarks.report`` rewrites every such block from the JSON (not
 ``--check`` only reports blocks that differ). ``tests/test_results_pages.py`` checks that the page
 and the README headline agree with :func:`headline` and :func:`blocks`.
 
-Round 2 (issue #18, ``perf_round2.json``): the ``r2_*`` blocks of :mod:`benchmarks.report_round2`,
-also the ``r2_env`` block of ``docs/results/env_overhead.md``. Round 1 (the other blocks, kept as
+Round 2 (issue #18, ``perf_round2.json``, and ``perf_round2_headline.json`` for the two headline pairs
+repeated more often): the ``r2_*`` blocks of :mod:`benchmarks.report_round2`, also the ``r2_env`` block of ``docs/results/env_overhead.md``. Round 1 (the other blocks, kept as
 history under the page's "History" headings): every measurement there was taken with the divergence
 chunk default of the time (2**22 elements; 2**19 since) and before the fused divergence gradient;
 the blocks say so.

@@ -21,6 +21,11 @@ from benchmarks.perf_round2 import PAIRS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FILE = "perf_round2.json"
+#: A dedicated run of the two headline pairs only, with more repeats (same driver, ``--configs``);
+#: its repeats are pooled with the full run's for the headline (:func:`pooled_ratios`).
+HEADLINE_FILE = "perf_round2_headline.json"
+#: The pairs the headline run repeats: fp32 and bf16 against DistillationTrainer.
+HEADLINE_PAIRS = {"fp32": ("ours", "trl_distillation"), "bf16": ("ours_bf16", "trl_distillation_bf16")}
 
 #: config -> label on the page
 LABELS = {
@@ -43,6 +48,12 @@ LABELS = {
 def load(results: Path = RESULTS) -> dict[str, Any]:
     """``perf_round2.json`` (an empty dict when it does not exist yet)."""
     path = results / FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def load_headline(results: Path = RESULTS) -> dict[str, Any]:
+    """``perf_round2_headline.json`` (an empty dict when there is none)."""
+    path = results / HEADLINE_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
@@ -92,6 +103,45 @@ def pair_ratios(data: dict[str, Any], ours: str, peer: str) -> dict[str, Any] | 
         "rss_median": statistics.median(rss),
         "rss_max": max(rss),
     }
+
+
+def pooled_ratios(results: Path, ours: str, peer: str) -> dict[str, Any] | None:
+    """:func:`pair_ratios` over the full run's repeats and the headline run's together (same code).
+
+    Every repeat of both runs counts once; ``parts`` keeps each run's own ratios for the page. Without
+    a headline run this is the full run's :func:`pair_ratios` (``parts`` has one entry).
+    """
+    parts = [
+        (name, p)
+        for name, p in (
+            ("full run", pair_ratios(load(results), ours, peer)),
+            ("headline run", pair_ratios(load_headline(results), ours, peer)),
+        )
+        if p is not None
+    ]
+    if not parts:
+        return None
+    ratios = [r for _, p in parts for r in p["ratios"]]
+    rss = [r for _, p in parts for r in p["rss_ratios"]]
+    return {
+        "ratios": ratios,
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rss_ratios": rss,
+        "rss_median": statistics.median(rss),
+        "rss_max": max(rss),
+        "parts": parts,
+    }
+
+
+def _pooled_spread(p: dict[str, Any]) -> str:
+    """``median **X** over n repeats (min-max ...; full run: ..., headline run: ...)``."""
+    parts = "; ".join(f"{name}: " + ", ".join(_x(r) for r in q["ratios"]) for name, q in p["parts"])
+    return (
+        f"median **{_x(p['median'])}** over {len(p['ratios'])} repeats (min-max {p['min']:.2f}-{_x(p['max'])}; "
+        f"{parts})"
+    )
 
 
 def _x(v: float) -> str:
@@ -193,13 +243,15 @@ def summary_block(results: Path = RESULTS) -> str:
     rows = ["| target (issue #18) | measured | met? |", "|---|---|---|"]
 
     def pair_row(target: str, ours: str, peer: str, bar: float, rss_bar: bool) -> None:
-        p = pair_ratios(data, ours, peer)
+        pooled = (ours, peer) in HEADLINE_PAIRS.values()
+        p = pooled_ratios(results, ours, peer) if pooled else pair_ratios(data, ours, peer)
         if p is None:
             rows.append(f"| {target} | not measured | — |")
             return
         met = p["median"] >= bar and (not rss_bar or p["rss_max"] <= 1.0)
         rss = f"; peak RSS {_x(p['rss_median'])} (max {_x(p['rss_max'])})"
-        rows.append(f"| {target} | throughput {_spread(p)}{rss} | {'**yes**' if met else 'no'} |")
+        spread = _pooled_spread(p) if pooled else _spread(p)
+        rows.append(f"| {target} | throughput {spread}{rss} | {'**yes**' if met else 'no'} |")
 
     pair_row(
         "fp32: >= 1.6x DistillationTrainer's throughput at <= its peak RSS",
@@ -269,6 +321,41 @@ def side_by_side_block(results: Path = RESULTS) -> str:
     data = load(results)
     if "steps" not in data:
         return NOT_MEASURED.format(section="steps")
+    return _side_by_side(data)
+
+
+def headline_block(results: Path = RESULTS) -> str:
+    """The headline run (the two headline pairs, more repeats) and the pooled headline ratios."""
+    data = load_headline(results)
+    if "steps" not in data:
+        return f"No headline run recorded (`benchmarks/results/{HEADLINE_FILE}`)."
+    inv = data["invocations"][-1]
+    lines = [
+        f"`{inv['command']}` — started {inv['started']}, {inv.get('wall_seconds', 0) / 60:.1f} min; load average "
+        f"before {inv['machine'].get('load_average')}, after {inv.get('load_average_after')}.",
+        "",
+        _side_by_side(data),
+        "",
+        "| comparison | full run (per repeat) | headline run (per repeat) | pooled median (min-max), n | peak RSS ratio (median, max) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (a, b) in HEADLINE_PAIRS.items():
+        p = pooled_ratios(results, a, b)
+        if p is None:
+            continue
+        cells = dict(p["parts"])
+        per = [
+            ", ".join(_x(r) for r in cells[k]["ratios"]) if k in cells else "—"
+            for k in ("full run", "headline run")
+        ]
+        lines.append(
+            f"| {name}: {a} / {b} | {per[0]} | {per[1]} | **{_x(p['median'])}** ({p['min']:.2f}-{_x(p['max'])}), "
+            f"{len(p['ratios'])} | {_x(p['rss_median'])}, {_x(p['rss_max'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _side_by_side(data: dict[str, Any]) -> str:
     lines = [
         "| configuration | median s/step (all steps) | per-repeat medians | generated tok/s | tokens/step | peak RSS (per repeat) | 1-min load before |",
         "|---|---|---|---|---|---|---|",
@@ -419,18 +506,46 @@ def phases_block(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def _layers_lever(data: dict[str, Any], fused: dict[str, Any] | None) -> str:
+    """Lever 3's second half, the decoder layers' few-row products (empty when not measured)."""
+    m = data["decode"]["fp32"]["median_ms_per_token"]
+    lay = config_summary(data, "ours_linear_layers")
+    pair = pair_ratios(data, "ours", "ours_linear_layers")
+    if "generate_linear_layers" not in m or not (fused and lay and pair):
+        return ""
+    ratio = data["decode"]["fp32"]["ratio_to_floor"]
+    return (
+        " The same product in the **decoder layers' linear maps** at 2-4 rows "
+        "(`skinny_decoder_layers`; the layer table in section 3): per-token decode "
+        f"{m['generate']:.1f} ms with it vs {m['generate_linear_layers']:.1f} ms "
+        f"({_x(ratio['generate_linear_layers'])}) without; end to end, step {fused['median_step_seconds']:.3f} s vs "
+        f"{lay['median_step_seconds']:.3f} s (`ours_linear_layers`), throughput ratio per repeat {_spread(pair)}. "
+        "Kept (shipped, `RolloutEngine(skinny_layers=True)`)."
+    )
+
+
 def decode_block(results: Path = RESULTS) -> str:
     """Per-token decode against the bandwidth floor, dynamic and static KV cache."""
     data = load(results)
     dec = data.get("decode")
     if dec is None:
         return NOT_MEASURED.format(section="decode")
-    lever = "generate_linear_head" in dec["fp32"]["median_ms_per_token"]
+    optional = [
+        (key, label)
+        for key, label in (
+            ("generate_linear_head", "engine `generate`, `F.linear` head (`skinny_head=False`)"),
+            (
+                "generate_linear_layers",
+                "engine `generate`, `F.linear` decoder layers (`skinny_layers=False`)",
+            ),
+        )
+        if key in dec["fp32"]["median_ms_per_token"]
+    ]
     lines = [
         "| precision | floor ms/token (weights / bandwidth) | engine `generate` (sampling incl.) | "
-        + ("engine `generate`, `F.linear` head (`skinny_head=False`) | " if lever else "")
-        + "greedy loop, dynamic cache, `F.linear` head | greedy loop, static cache | prefill ms |",
-        "|---|---|---|---|---|---|" + ("---|" if lever else ""),
+        + "".join(f"{label} | " for _, label in optional)
+        + "greedy loop, dynamic cache, `F.linear` throughout | greedy loop, static cache | prefill ms |",
+        "|---|---|---|---|---|---|" + "---|" * len(optional),
     ]
     for p in ("fp32", "bf16"):
         d = dec[p]
@@ -440,10 +555,10 @@ def decode_block(results: Path = RESULTS) -> str:
             if "static" in m
             else f"fails: `{d['static_cache_error'][:90]}`"
         )
-        linear = f"{m['generate_linear_head']:.1f} ({_x(r['generate_linear_head'])}) | " if lever else ""
+        extra = "".join(f"{m[key]:.1f} ({_x(r[key])}) | " for key, _ in optional)
         lines.append(
             f"| {p}{' autocast' if p == 'bf16' else ''} | {dec[f'floor_ms_per_token_{p}']:.1f} | "
-            f"{m['generate']:.1f} ({_x(r['generate'])}) | {linear}{m['dynamic']:.1f} ({_x(r['dynamic'])}) | "
+            f"{m['generate']:.1f} ({_x(r['generate'])}) | {extra}{m['dynamic']:.1f} ({_x(r['dynamic'])}) | "
             f"{static} | {m['prefill']:.0f} |"
         )
     diff = dec["fp32"]["static_vs_dynamic_max_abs_logit_diff"]
@@ -475,6 +590,29 @@ def decode_block(results: Path = RESULTS) -> str:
                     f"{c['linear']:.1f} vs {c['transposed']:.1f} ({c['linear'] / c['transposed']:.2f}x)"
                 )
             lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
+    layers = dec.get("layers")
+    if layers:
+        counts = layers["rows"]
+        lines += [
+            "",
+            f"The decoder layers' linear maps alone (float32, ms per product; one timed call is a product with "
+            f"that projection in each of the {layers['layers']} layers in turn, so the weights stream from memory "
+            f"as in a decode step; median of {layers['repeats']}): `F.linear` against `(W @ h.T).T`.",
+            "",
+            "| projection (out x in) | "
+            + " | ".join(f"{n} row{'s' if n > 1 else ''}" for n in counts)
+            + " |",
+            "|---|" + "---|" * len(counts),
+        ]
+        for name, cells in layers["ms"].items():
+            row = [
+                f"{cells[str(n)]['linear']:.3f} vs {cells[str(n)]['transposed']:.3f} "
+                f"({cells[str(n)]['linear'] / cells[str(n)]['transposed']:.2f}x)"
+                for n in counts
+            ]
+            lines.append(
+                f"| `{name}` ({cells['shape'][0]} x {cells['shape'][1]}) | " + " | ".join(row) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -572,6 +710,7 @@ BLOCKS = {
     "r2_summary": summary_block,
     "r2_side_by_side": side_by_side_block,
     "r2_ratios": ratios_block,
+    "r2_headline": headline_block,
     "r2_phases": phases_block,
     "r2_decode": decode_block,
     "r2_quality": quality_block,
@@ -626,7 +765,8 @@ def levers_block(results: Path = RESULTS) -> str:
                 f"decode {m['generate']:.1f} ms/token ({_x(ratio['generate'])} the bandwidth floor of "
                 f"{dec['floor_ms_per_token_fp32']:.1f} ms) vs {m['generate_linear_head']:.1f} ms/token "
                 f"({_x(ratio['generate_linear_head'])}) with the model's `F.linear` head{step}. Kept (shipped, "
-                f"`RolloutEngine(skinny_head=True)`). Not kept: a {static} (no faster, not bit-identical). "
+                f"`RolloutEngine(skinny_head=True)`).{_layers_lever(data, fused)} Not kept: a {static} (no faster, "
+                "not bit-identical). "
                 "`torch.compile` of the one-token step was not tried (compiling on 2 cores costs minutes per "
                 "shape, more than a run's whole decode)."
             )

@@ -293,6 +293,18 @@ def test_perf_round2_smoke_and_report(tmp_path):
     assert (
         dec["fp32"]["static_vs_dynamic_max_abs_logit_diff"] < 1e-4
     )  # the static cache computes the same logits
+    assert {"generate", "generate_linear_head", "generate_linear_layers"} <= set(
+        dec["fp32"]["median_ms_per_token"]
+    )
+    layers = dec["layers"]  # the tiny student keeps all 4 of the tiny teacher's layers, 7 projections each
+    assert layers["layers"] == 4 and set(layers["ms"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    assert all(
+        c[str(n)]["linear"] > 0 < c[str(n)]["transposed"]
+        for c in layers["ms"].values()
+        for n in layers["rows"]
+    )
     assert set(data["steps"]["runs"]) == {"ours", "ours_recompute"}
     assert [r["repeat"] for r in data["steps"]["runs"]["ours"]] == [1]
     assert len(data["invocations"]) == 1 and data["invocations"][0]["command"].startswith(
@@ -302,6 +314,8 @@ def test_perf_round2_smoke_and_report(tmp_path):
     assert "| 1 | 0.3000 | 0.3000 |" in blocks["r2_quality"]
     assert "lever 1: fused vs recompute" in blocks["r2_ratios"] and "not measured" in blocks["r2_ratios"]
     assert "sum of phases" in blocks["r2_phases"] and "not measured" in blocks["r2_summary"]
+    assert "`F.linear` decoder layers (`skinny_layers=False`)" in blocks["r2_decode"]
+    assert "| `gate_proj` (" in blocks["r2_decode"]
 
 
 def test_lever_switches_turn_the_levers_off_and_are_undone(tokenizer):
@@ -330,6 +344,20 @@ def test_lever_switches_turn_the_levers_off_and_are_undone(tokenizer):
     assert engine.prefix_cache.misses == 1
 
 
+def test_linear_layers_switch_turns_the_layer_products_off_and_is_undone():
+    from rl_distill.rollout import skinny_head as sh
+
+    x, w = torch.randn(3, 16), torch.randn(16, 16)
+    assert sh._uses_transposed(x, w, head=False)
+    undo = apply_patches(["linear_layers"])
+    try:
+        assert not sh._uses_transposed(x, w, head=False)
+        assert sh._uses_transposed(x, torch.randn(256, 16))  # the head's product stays on
+    finally:
+        undo()
+    assert sh._uses_transposed(x, w, head=False) and sh.SKINNY_LAYER_MAX_ROWS == 4
+
+
 def test_dense_embedding_grad_switch_declines_and_is_undone(tokenizer):
     from rl_distill.models import tiny_llama
     from rl_distill.rollout import engine as engine_mod
@@ -342,3 +370,50 @@ def test_dense_embedding_grad_switch_declines_and_is_undone(tokenizer):
     finally:
         undo()
     assert engine_mod.sparse_grad_embeddings(model, ids) is not None
+
+
+def test_headline_ratios_pool_every_repeat_of_both_runs(tmp_path):
+    """The headline pairs' median is taken over the full run's and the headline run's repeats together."""
+
+    def run(repeat, tps, rss=1000.0):
+        return {"repeat": repeat, "tokens_per_second": tps, "peak_rss_steps_mib": rss, "step_seconds": [128 / tps],
+                "tokens_per_step": [128], "median_step_seconds": 128 / tps, "load_average_before": [1.0, 1.0, 1.0]}  # fmt: skip
+
+    def steps(ours, peer):
+        configs = {"ours": {}, "trl_distillation": {}}
+        return {"configs": configs, "runs": {"ours": ours, "trl_distillation": peer}}
+
+    full = {"steps": steps([run(1, 2.0), run(2, 1.5)], [run(1, 1.0), run(2, 1.0)])}
+    (tmp_path / report_round2.FILE).write_text(json.dumps(full))
+    only_full = report_round2.pooled_ratios(tmp_path, "ours", "trl_distillation")
+    assert only_full["ratios"] == [2.0, 1.5] and [n for n, _ in only_full["parts"]] == ["full run"]
+    assert "No headline run recorded" in report_round2.headline_block(tmp_path)
+    head = {
+        "invocations": [
+            {
+                "command": "python benchmarks/perf_round2.py --configs ours trl_distillation",
+                "started": "2026-12-01T23:00:00Z",
+                "wall_seconds": 60.0,
+                "load_average_after": [1, 1, 1],
+                "machine": {"load_average": [0.5, 0.5, 0.5]},
+            }
+        ],  # fmt: skip
+        "steps": steps([run(1, 1.7), run(2, 1.9), run(3, 1.0, rss=1100.0)], [run(r, 1.0) for r in (1, 2, 3)]),
+    }
+    (tmp_path / report_round2.HEADLINE_FILE).write_text(json.dumps(head))
+    pooled = report_round2.pooled_ratios(tmp_path, "ours", "trl_distillation")
+    assert sorted(pooled["ratios"]) == [1.0, 1.5, 1.7, 1.9, 2.0] and pooled["median"] == 1.7
+    assert pooled["rss_max"] == pytest.approx(1.1)
+    summary = report_round2.summary_block(tmp_path)
+    fp32 = next(line for line in summary.splitlines() if line.startswith("| fp32"))
+    # median 1.70x >= 1.6, but one repeat ran at 1.1x the peer's peak RSS: not met
+    assert (
+        "median **1.70x** over 5 repeats" in fp32
+        and "full run: 2.00x, 1.50x; headline run: 1.70x, 1.90x, 1.00x" in fp32
+    )
+    assert fp32.endswith("| no |")
+    block = report_round2.headline_block(tmp_path)
+    assert (
+        "| fp32: ours / trl_distillation | 2.00x, 1.50x | 1.70x, 1.90x, 1.00x | **1.70x** (1.00-2.00x), 5 |"
+        in block
+    )

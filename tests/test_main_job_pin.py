@@ -9,7 +9,11 @@ sample other tokens. Re-recorded a second time for issue #18's decode and memory
 output head when sampling, the teacher's shared-prefix KV cache, the sparse-gradient embedding
 lookup; each tested equal to its old path to float32 rounding): the first step's loss stayed
 bit-identical, the evaluation before training moved by at most 7e-4 relative (a few sampled tokens
-differ). On the CPU model it was recorded on, a run of the current code must reproduce
+differ). Re-recorded a third time for the decoder layers' few-row product when sampling (also
+equal to ``F.linear`` to float32 rounding): the evaluation before training stayed bit-identical; the
+first rollout samples other tokens (on the main job's student, 6 of 12 seeded 4 x 32-token rollouts
+come out identical with and without it, the other 6 first differ at positions 19-30 after log-probs
+within 2e-5), so from the first step's loss on the numbers moved. On the CPU model it was recorded on, a run of the current code must reproduce
 every logged number bit for bit.
 On another CPU model the kernels (and so the last bits) differ; there the evaluation before training
 (no sampling feedback yet) and the first step's loss must agree to 1e-4.

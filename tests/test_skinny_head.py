@@ -1,4 +1,6 @@
-"""The few-row output head (rl_distill/rollout/skinny_head.py): same logits, switched only where it should be."""
+"""The few-row products (rl_distill/rollout/skinny_head.py): same logits, switched only where they should be."""
+
+import copy
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ from rl_distill.models import tiny_llama
 from rl_distill.rollout import RolloutEngine, SamplingConfig
 from rl_distill.rollout import skinny_head as sh
 from rl_distill.rollout.skinny_head import (
+    SKINNY_LAYER_MAX_ROWS,
     SKINNY_MAX_ROWS,
     SKINNY_MIN_ROWS,
+    skinny_decoder_layers,
     skinny_linear,
     skinny_output_head,
     supports_skinny_head,
@@ -115,12 +119,13 @@ def test_lora_head_is_not_switched(tall_student):
 
 
 def _count_calls(monkeypatch):
-    calls = {"transposed": 0}
+    """Counts the transposed products taken: ``transposed`` by the head, ``layers`` by decoder layers."""
+    calls = {"transposed": 0, "layers": 0}
     real = sh._uses_transposed
 
-    def spy(x, w):
-        used = real(x, w)
-        calls["transposed"] += int(used)
+    def spy(x, w, head=True):
+        used = real(x, w, head)
+        calls["transposed" if head else "layers"] += int(used)
         return used
 
     monkeypatch.setattr(sh, "_uses_transposed", spy)
@@ -138,7 +143,7 @@ def test_engine_generate_uses_it_and_samples_the_same(
     got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
     forwards = got.completion_ids.shape[1]  # the prefill + one per later token
     assert calls["transposed"] == (forwards if skinny else 0)
-    calls["transposed"] = 0
+    calls["transposed"] = calls["layers"] = 0
     ref = plain.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
     assert calls["transposed"] == 0
     assert "forward" not in vars(tall_student.get_output_embeddings())
@@ -164,3 +169,131 @@ def test_incremental_scorer_uses_it_and_matches_the_teacher_forward(
     ]
     assert calls["transposed"] == 1 + len(steps)
     torch.testing.assert_close(torch.stack(steps, 1), rollout.teacher_logprobs, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder layers' linear maps (skinny_decoder_layers)
+# ----------------------------------------------------------------------------------------------
+LAYER_SHAPES = [(48, 48), (16, 48), (96, 48), (48, 96)]  # square, narrow (GQA k/v), MLP up, MLP down
+
+
+@pytest.mark.parametrize("rows", range(SKINNY_MIN_ROWS, SKINNY_LAYER_MAX_ROWS + 1))
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+def test_layer_regime_equals_linear(rows, shape):
+    gen = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(*shape, generator=gen), torch.randn(shape[0], generator=gen)
+    x = torch.randn(rows, 1, shape[1], generator=gen)
+    assert sh._uses_transposed(x, w, head=False)
+    assert not sh._uses_transposed(x, w)  # not a tall head: the head regime would not take it
+    for bias in (None, b):
+        got = skinny_linear(x, w, bias, head=False)
+        assert got.shape == (rows, 1, shape[0]) and got.is_contiguous()
+        torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one row", "too many rows", "bfloat16", "autocast"])
+def test_outside_the_layer_regime_it_is_linear_bit_for_bit(case):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 48, generator=gen)
+    x = torch.randn(
+        {"one row": 1, "too many rows": SKINNY_LAYER_MAX_ROWS + 1}.get(case, 3), 48, generator=gen
+    )
+    if case == "bfloat16":
+        w, x = w.bfloat16(), x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert not sh._uses_transposed(x, w, head=False)
+        assert torch.equal(skinny_linear(x, w, head=False), F.linear(x, w))
+
+
+def test_layer_limit_is_read_at_call_time(monkeypatch):
+    x, w = torch.randn(3, 48), torch.randn(48, 48)
+    assert sh._uses_transposed(x, w, head=False)
+    monkeypatch.setattr(sh, "SKINNY_LAYER_MAX_ROWS", 0)  # how the benchmark switches the lever off
+    assert not sh._uses_transposed(x, w, head=False)
+
+
+def _plain_linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def test_decoder_layers_switch_is_scoped_and_restored(tall_student):
+    head = tall_student.get_output_embeddings()
+    layers = [m for m in _plain_linears(tall_student) if m is not head]
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    with torch.no_grad():
+        out = tall_student(input_ids=ids[:, :2], use_cache=True)
+        step = {"input_ids": ids[:, 2:], "position_ids": torch.full((3, 1), 2)}
+        plain = tall_student(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits[:, -1]
+        with skinny_decoder_layers(tall_student) as switched:
+            assert switched == len(layers)
+            assert all("forward" in vars(m) for m in layers) and "forward" not in vars(head)
+            with skinny_decoder_layers(tall_student) as inner:  # nested: the outer block owns it
+                assert inner == 0
+            assert all("forward" in vars(m) for m in layers)
+            fast = tall_student(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits[:, -1]
+        assert not any("forward" in vars(m) for m in layers)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, plain)  # the transposed product really ran (a different sum order)
+    with pytest.raises(RuntimeError, match="boom"), skinny_decoder_layers(tall_student):
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in layers)  # restored on error too
+    with skinny_decoder_layers(tall_student, enabled=False) as switched:
+        assert switched == 0 and not any("forward" in vars(m) for m in layers)
+
+    class Sampler:  # not a module (MiniLLM's teacher-mixed policy is such a sampler object)
+        def __call__(self, **kwargs):
+            return tall_student(**kwargs)
+
+    with skinny_decoder_layers(Sampler()) as switched:
+        assert switched == 0
+
+
+def test_decoder_layers_leave_subclasses_alone(tall_student):
+    class Custom(torch.nn.Linear):  # a subclass may compute something else: not switched
+        pass
+
+    mlp = tall_student.model.layers[0].mlp
+    old = mlp.down_proj
+    mlp.down_proj = Custom(old.in_features, old.out_features, bias=False)
+    with skinny_decoder_layers(tall_student) as switched:
+        assert switched == 2 * 7 - 1 and "forward" not in vars(mlp.down_proj)
+
+
+@pytest.mark.parametrize("layers", [True, False])
+def test_engine_generate_uses_the_layer_products_and_samples_the_same(
+    monkeypatch, tall_student, tall_teacher, tokenizer, layers
+):
+    calls = _count_calls(monkeypatch)
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=layers)
+    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=False)
+    sampling = SamplingConfig(max_new_tokens=8)
+    got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
+    # The prefill has 4 x prompt-width rows (F.linear); each later one-token forward has 4 rows.
+    decode_steps = got.completion_ids.shape[1] - 1
+    assert calls["layers"] == (2 * 7 * decode_steps if layers else 0)
+    calls["layers"] = 0
+    ref = plain.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
+    assert calls["layers"] == 0
+    assert not any("forward" in vars(m) for m in _plain_linears(tall_student))
+    assert torch.equal(got.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+
+
+def test_incremental_scorer_uses_the_layer_products(monkeypatch, tall_student, tall_teacher, tokenizer):
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
+    rollout = engine.rollout(
+        PROMPTS, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(1)
+    )
+    calls = _count_calls(monkeypatch)
+    scorer = engine.incremental_scorer()
+    assert scorer.skinny_layers
+    state = scorer.start(engine.encode(PROMPTS))
+    steps = [
+        scorer.step(state, rollout.completion_ids[:, t], active=rollout.completion_mask[:, t])
+        for t in range(rollout.completion_ids.shape[1])
+    ]
+    assert calls["layers"] == 2 * 7 * len(steps)
+    torch.testing.assert_close(torch.stack(steps, 1), rollout.teacher_logprobs, rtol=0, atol=1e-5)
+    off = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=False).incremental_scorer()
+    assert not off.skinny_layers

@@ -57,10 +57,11 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
+from rl_distill.rollout import skinny_head as _skinny
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
-from rl_distill.rollout.skinny_head import skinny_output_head
+from rl_distill.rollout.skinny_head import skinny_decoder_layers, skinny_output_head
 
 TeacherOutput = Literal["none", "full", "topk"]
 
@@ -403,6 +404,8 @@ class RolloutEngine:
         skinny_head: compute the decode steps' logits with the few-row product of
             :mod:`rl_distill.rollout.skinny_head` (float32 on CPU only; equal to float32 rounding,
             faster; False: the model's own ``F.linear``).
+        skinny_layers: the same for the decoder layers' linear maps at 2-4 rows
+            (:func:`~rl_distill.rollout.skinny_head.skinny_decoder_layers`; False: ``F.linear``).
         teacher_prefix_cache: reuse the teacher's KV cache of the prompt prefix every row shares
             (a chat template's system turn, a fixed instruction) across :meth:`score` calls
             (:mod:`rl_distill.rollout.prefix_cache`; equal to float32 rounding). Off for sharded
@@ -425,11 +428,13 @@ class RolloutEngine:
         max_prompt_length: int | None = None,
         stop_token_ids: Sequence[int] = (),
         skinny_head: bool = True,
+        skinny_layers: bool = True,
         teacher_prefix_cache: bool = True,
         sparse_embedding_grad: bool = True,
     ) -> None:
         self.student = student
         self.skinny_head = skinny_head
+        self.skinny_layers = skinny_layers
         self.sparse_embedding_grad = sparse_embedding_grad
         #: The teacher's shared-prefix KV cache (None: off); ``hits``/``misses`` count its use.
         self.prefix_cache: PrefixKVCache | None = PrefixKVCache() if teacher_prefix_cache else None
@@ -564,7 +569,13 @@ class RolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            with skinny_output_head(model, self.skinny_head):
+            with (
+                skinny_output_head(model, self.skinny_head),
+                # Layers only when the one-token forwards' B rows are in their regime (2-4 rows).
+                skinny_decoder_layers(
+                    model, self.skinny_layers and len(batch) <= _skinny.SKINNY_LAYER_MAX_ROWS
+                ),
+            ):
                 tokens, logps, alive = self._decode(model, batch, sampling, generator)
         finally:
             if was_training:
@@ -858,6 +869,7 @@ class RolloutEngine:
             self.vocab_size,
             pad_id=self.pad_id,
             skinny_head=self.skinny_head,
+            skinny_layers=self.skinny_layers,
         )
 
     def decode(self, rollout: Rollout) -> list[str]:

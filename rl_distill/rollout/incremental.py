@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rl_distill.rollout import skinny_head as _skinny
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
-from rl_distill.rollout.skinny_head import skinny_output_head
+from rl_distill.rollout.skinny_head import skinny_decoder_layers, skinny_output_head
 
 
 @dataclass
@@ -76,15 +77,35 @@ class IncrementalScorer:
         pad_id: the token fed for inactive rows (any valid id: it is masked out).
         skinny_head: the few-row output-head product (:mod:`rl_distill.rollout.skinny_head`) for
             the prefill's and each step's logits (float32 on CPU; False: the model's ``F.linear``).
+        skinny_layers: the few-row product for the decoder layers' linear maps at 2-4 rows
+            (:func:`~rl_distill.rollout.skinny_head.skinny_decoder_layers`; False: ``F.linear``).
     """
 
     def __init__(
-        self, model: PreTrainedModel, vocab_size: int, *, pad_id: int = 0, skinny_head: bool = True
+        self,
+        model: PreTrainedModel,
+        vocab_size: int,
+        *,
+        pad_id: int = 0,
+        skinny_head: bool = True,
+        skinny_layers: bool = True,
     ) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.skinny_head = skinny_head
+        self.skinny_layers = skinny_layers
+
+    @contextmanager
+    def _few_row_products(self, rows: int) -> Iterator[None]:
+        """The few-row head and decoder-layer products (:mod:`rl_distill.rollout.skinny_head`), as switched.
+
+        The decoder layers are switched only when this forward's ``rows`` are in their regime: the
+        switch walks the model and shadows every layer's forward, a cost paid per token here.
+        """
+        layers = self.skinny_layers and rows <= _skinny.SKINNY_LAYER_MAX_ROWS
+        with skinny_output_head(self.model, self.skinny_head), skinny_decoder_layers(self.model, layers):
+            yield
 
     def _logprobs(self, logits: Tensor) -> Tensor:
         """``(B, V_model)`` last-position logits -> ``(B, V)`` float32 log-probs."""
@@ -99,7 +120,7 @@ class IncrementalScorer:
         """
         mask = prompts.attention_mask.long()
         positions = position_ids_from_mask(mask)
-        with _eval_mode(self.model), skinny_output_head(self.model, self.skinny_head):
+        with _eval_mode(self.model), self._few_row_products(prompts.input_ids.numel()):
             out = self.model(
                 input_ids=prompts.input_ids,
                 attention_mask=mask,
@@ -133,7 +154,7 @@ class IncrementalScorer:
         tokens = tokens.long().masked_fill(~active, self.pad_id)
         # The new column is attended to only where the row is active, as in RolloutEngine.generate.
         mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)  # (B, C + 1)
-        with _eval_mode(self.model), skinny_output_head(self.model, self.skinny_head):
+        with _eval_mode(self.model), self._few_row_products(len(tokens)):
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,

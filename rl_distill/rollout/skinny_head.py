@@ -1,4 +1,4 @@
-"""A faster output head for few-row decoding on CPU (issue #18, decode lever).
+"""Faster few-row products for decoding on CPU: the output head and the decoder layers (issue #18).
 
 During decoding every forward computes the logits of ``B`` new tokens (``B`` = the batch, 1-8 rows)
 against the whole vocabulary: ``logits = h @ W.T`` with ``W`` the ``(V, d)`` output embedding
@@ -23,6 +23,13 @@ LoRA-wrapped head, an FSDP-sharded one (its parameters are ``DTensor``), a quant
 head keep their own forward. The switch shadows the module's ``forward`` on the instance and removes
 the shadow on exit (also on error), so hooks, tied weights and the model's own post-processing of
 logits (soft-capping, scaling) are untouched.
+
+The decoder layers' linear maps (attention projections, MLP) have the same problem at 2-4 rows:
+there ``F.linear`` ran 1.5-4x slower than the transposed product for every SmolLM2 layer shape,
+and with the head switched they were most of a decode step. :func:`skinny_decoder_layers` switches
+every plain ``nn.Linear`` of the model other than the head, for 2 to :data:`SKINNY_LAYER_MAX_ROWS`
+rows only (at 6-8 rows neither product won consistently), under the same conditions (float32, CPU,
+no autocast, ordinary tensors), with the same scoping and the same float32-rounding caveat.
 """
 
 from __future__ import annotations
@@ -35,52 +42,76 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Largest number of rows computed as ``(W @ h.T).T``: the few-row regime of decoding where the
-#: benchmark measured it clearly faster (``benchmarks/results/perf_round2.json``, ``decode.head``).
+#: Largest number of rows computed as ``(W @ h.T).T`` by the output head: the few-row regime of
+#: decoding where the benchmark measured it clearly faster (``benchmarks/results/perf_round2.json``,
+#: ``decode.head``).
 SKINNY_MAX_ROWS = 8
 #: Smallest number of rows (one row is a matrix-vector product either way).
 SKINNY_MIN_ROWS = 2
 #: The head must have at least this many output rows per input feature (a vocabulary head).
 TALL_RATIO = 8
+#: Largest number of rows computed as ``(W @ h.T).T`` by the decoder layers' linear maps (attention
+#: projections, MLP): at 2-4 rows the transposed product was 1.5-4x faster than ``F.linear`` for every
+#: SmolLM2 layer shape (576x576, 192x576, 1536x576, 576x1536); at 6-8 rows neither won consistently
+#: (``decode`` section of ``benchmarks/perf_round2.py``), so those keep ``F.linear``.
+SKINNY_LAYER_MAX_ROWS = 4
 
 __all__ = [
+    "SKINNY_LAYER_MAX_ROWS",
     "SKINNY_MAX_ROWS",
     "SKINNY_MIN_ROWS",
+    "skinny_decoder_layers",
     "skinny_linear",
     "skinny_output_head",
     "supports_skinny_head",
 ]
 
 
-def _uses_transposed(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`skinny_linear` takes the transposed product for this input."""
+def _uses_transposed(x: Tensor, weight: Tensor, head: bool = True) -> bool:
+    """Whether :func:`skinny_linear` takes the transposed product for this input.
+
+    ``head``: the output head's regime (2 to :data:`SKINNY_MAX_ROWS` rows, a tall weight); False: a
+    decoder layer's (2 to :data:`SKINNY_LAYER_MAX_ROWS` rows, any shape). The limits are read at call
+    time (a benchmark may change them).
+    """
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
+    if not head:
+        return SKINNY_MIN_ROWS <= rows <= SKINNY_LAYER_MAX_ROWS
     return SKINNY_MIN_ROWS <= rows <= SKINNY_MAX_ROWS and weight.shape[0] >= TALL_RATIO * weight.shape[1]
 
 
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, head: bool = True) -> Tensor:
     """``F.linear(x, weight, bias)``, computed as ``(weight @ x.T).T`` in the few-row CPU regime.
 
     Args:
         x: ``(..., d)`` input.
         weight: ``(V, d)`` weight.
         bias: ``(V,)`` or None.
+        head: use the output head's regime (True) or a decoder layer's (False); see
+            :data:`SKINNY_MAX_ROWS` and :data:`SKINNY_LAYER_MAX_ROWS`.
 
     Returns:
         ``(..., V)`` contiguous, equal to ``F.linear`` up to float32 rounding (identical outside the
         regime, where it *is* ``F.linear``).
     """
-    if not _uses_transposed(x, weight):
+    if not _uses_transposed(x, weight, head):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])  # (R, d)
     out = torch.mm(weight, flat.t()).t()  # (R, V), a view of the (V, R) product
     if bias is not None:
         out = out + bias
     return out.contiguous().reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _plain_linear(module: Any) -> bool:
+    """Exactly :class:`torch.nn.Linear` (no subclass) with ordinary tensor parameters (not FSDP's ``DTensor``)."""
+    if type(module) is not nn.Linear:
+        return False
+    return all(type(p) in (torch.Tensor, nn.Parameter) for p in module.parameters(recurse=False))
 
 
 def supports_skinny_head(model: Any) -> bool:
@@ -90,10 +121,7 @@ def supports_skinny_head(model: Any) -> bool:
     parameters; False for anything else (no head, LoRA/quantised/custom heads, FSDP ``DTensor``).
     """
     getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if type(head) is not nn.Linear:
-        return False
-    return all(type(p) in (torch.Tensor, nn.Parameter) for p in head.parameters(recurse=False))
+    return _plain_linear(getter() if callable(getter) else None)
 
 
 @contextmanager
@@ -123,3 +151,41 @@ def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         del head.forward
+
+
+@contextmanager
+def skinny_decoder_layers(model: Any, enabled: bool = True) -> Iterator[int]:
+    """Within the block, ``model``'s decoder-layer linear maps use :func:`skinny_linear` (layer regime).
+
+    Every plain :class:`torch.nn.Linear` of ``model`` other than its output head (attention
+    projections, MLP; a LoRA wrapper's frozen base layer too, whose adapter path is left alone) is
+    switched; subclasses, quantised and FSDP-sharded layers keep their own forward. Outside the few-row
+    regime (the prefill, scoring, training forwards, bf16, autocast) the switched layers call
+    ``F.linear`` exactly as before.
+
+    Args:
+        model: any module (anything else, e.g. a custom sampler object, is left alone).
+        enabled: False makes the block a no-op (the engine's ``skinny_layers=False``).
+
+    Yields:
+        The number of layers switched by this block (0 when disabled, or inside an enclosing block
+        that already switched them).
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    switched: list[nn.Linear] = []
+    if enabled and isinstance(model, nn.Module):  # a custom sampler (MiniLLM's mixed policy) is left alone
+        for module in model.modules():
+            if module is head or not _plain_linear(module) or "forward" in vars(module):
+                continue
+
+            def forward(x: Tensor, layer: nn.Linear = module) -> Tensor:
+                return skinny_linear(x, layer.weight, layer.bias, head=False)
+
+            module.forward = forward  # type: ignore[method-assign]  # shadows nn.Linear.forward here
+            switched.append(module)
+    try:
+        yield len(switched)
+    finally:
+        for module in switched:
+            del module.forward
