@@ -93,8 +93,12 @@ def pair_ratios(data: dict[str, Any], ours: str, peer: str) -> dict[str, Any] | 
         return None
     ratios = [a[k]["tokens_per_second"] / b[k]["tokens_per_second"] for k in common]
     rss = [a[k]["peak_rss_steps_mib"] / b[k]["peak_rss_steps_mib"] for k in common]
+    return {"repeats": common, **_ratio_stats(ratios, rss)}
+
+
+def _ratio_stats(ratios: list[float], rss: list[float]) -> dict[str, Any]:
+    """Median and min-max of throughput ratios, median and max of peak-RSS ratios."""
     return {
-        "repeats": common,
         "ratios": ratios,
         "median": statistics.median(ratios),
         "min": min(ratios),
@@ -123,16 +127,7 @@ def pooled_ratios(results: Path, ours: str, peer: str) -> dict[str, Any] | None:
         return None
     ratios = [r for _, p in parts for r in p["ratios"]]
     rss = [r for _, p in parts for r in p["rss_ratios"]]
-    return {
-        "ratios": ratios,
-        "median": statistics.median(ratios),
-        "min": min(ratios),
-        "max": max(ratios),
-        "rss_ratios": rss,
-        "rss_median": statistics.median(rss),
-        "rss_max": max(rss),
-        "parts": parts,
-    }
+    return {**_ratio_stats(ratios, rss), "parts": parts}
 
 
 def _pooled_spread(p: dict[str, Any]) -> str:

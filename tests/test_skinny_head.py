@@ -168,6 +168,7 @@ def test_incremental_scorer_uses_it_and_matches_the_teacher_forward(
         for t in range(rollout.completion_ids.shape[1])
     ]
     assert calls["transposed"] == 1 + len(steps)
+    assert calls["layers"] == 2 * 7 * len(steps)  # the decoder layers at 4 rows, not in the prefill
     torch.testing.assert_close(torch.stack(steps, 1), rollout.teacher_logprobs, rtol=0, atol=1e-5)
 
 
@@ -280,20 +281,38 @@ def test_engine_generate_uses_the_layer_products_and_samples_the_same(
     torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
 
 
-def test_incremental_scorer_uses_the_layer_products(monkeypatch, tall_student, tall_teacher, tokenizer):
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
-    rollout = engine.rollout(
-        PROMPTS, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(1)
-    )
-    calls = _count_calls(monkeypatch)
-    scorer = engine.incremental_scorer()
-    assert scorer.skinny_layers
-    state = scorer.start(engine.encode(PROMPTS))
-    steps = [
-        scorer.step(state, rollout.completion_ids[:, t], active=rollout.completion_mask[:, t])
-        for t in range(rollout.completion_ids.shape[1])
-    ]
-    assert calls["layers"] == 2 * 7 * len(steps)
-    torch.testing.assert_close(torch.stack(steps, 1), rollout.teacher_logprobs, rtol=0, atol=1e-5)
-    off = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=False).incremental_scorer()
+def test_incremental_scorer_switches_the_layer_products_by_flag():
+    """Its flag follows the engine's (the call counts are in the head test above)."""
+    from rl_distill.models import char_tokenizer
+
+    model = tiny_llama(TALL_VOCAB, hidden_size=32, num_layers=1, seed=0)
+    on = RolloutEngine(model, model, char_tokenizer()).incremental_scorer()
+    assert on.skinny_layers
+    off = RolloutEngine(model, model, char_tokenizer(), skinny_layers=False).incremental_scorer()
     assert not off.skinny_layers
+
+
+def test_no_layer_switch_outside_the_row_regime(monkeypatch, tall_student, tall_teacher, tokenizer):
+    """At more rows than the layer regime the scorer and generate do not shadow the layers at all."""
+    entered = []
+    real = sh.skinny_decoder_layers
+
+    def spy(model, enabled=True):
+        entered.append(enabled)
+        return real(model, enabled)
+
+    monkeypatch.setattr("rl_distill.rollout.incremental.skinny_decoder_layers", spy)
+    monkeypatch.setattr("rl_distill.rollout.engine.skinny_decoder_layers", spy)
+    prompts = [*PROMPTS, "five"]  # 5 rows > SKINNY_LAYER_MAX_ROWS
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
+    rollout = engine.generate(
+        prompts, SamplingConfig(max_new_tokens=3), generator=torch.Generator().manual_seed(0)
+    )
+    assert entered == [False]
+    scorer = engine.incremental_scorer()
+    state = scorer.start(engine.encode(prompts))
+    scorer.advance(state, rollout.completion_ids[:, 0])
+    assert entered == [False, False, False]  # generate, the prefill (5 x width rows), one 5-row step
+    four = scorer.start(engine.encode(PROMPTS))
+    scorer.advance(four, rollout.completion_ids[:4, 0])
+    assert entered[-1] is True  # 4 rows: in the regime
