@@ -515,7 +515,7 @@ def _layers_lever(data: dict[str, Any], fused: dict[str, Any] | None) -> str:
         f"{m['generate']:.1f} ms with it vs {m['generate_linear_layers']:.1f} ms "
         f"({_x(ratio['generate_linear_layers'])}) without; end to end, step {fused['median_step_seconds']:.3f} s vs "
         f"{lay['median_step_seconds']:.3f} s (`ours_linear_layers`), throughput ratio per repeat {_spread(pair)}. "
-        "Kept (shipped, `RolloutEngine(skinny_layers=True)`)."
+        "Kept (shipped, `RolloutEngine(skinny_layers=True)`; config `train.few_row_products`)."
     )
 
 
@@ -760,7 +760,7 @@ def levers_block(results: Path = RESULTS) -> str:
                 f"decode {m['generate']:.1f} ms/token ({_x(ratio['generate'])} the bandwidth floor of "
                 f"{dec['floor_ms_per_token_fp32']:.1f} ms) vs {m['generate_linear_head']:.1f} ms/token "
                 f"({_x(ratio['generate_linear_head'])}) with the model's `F.linear` head{step}. Kept (shipped, "
-                f"`RolloutEngine(skinny_head=True)`).{_layers_lever(data, fused)} Not kept: a {static} (no faster, "
+                f"`RolloutEngine(skinny_head=True)`; config `train.few_row_products`).{_layers_lever(data, fused)} Not kept: a {static} (no faster, "
                 "not bit-identical). "
                 "`torch.compile` of the one-token step was not tried (compiling on 2 cores costs minutes per "
                 "shape, more than a run's whole decode)."
@@ -780,7 +780,7 @@ def levers_block(results: Path = RESULTS) -> str:
             f"forward): step {fused['median_step_seconds']:.3f} s with it vs {nopc['median_step_seconds']:.3f} s "
             f"without (`ours_no_prefix_cache`); throughput ratio per repeat {_spread(p4)}; teacher phase "
             f"{fused['phases']['teacher']:.3f} s vs {nopc['phases']['teacher']:.3f} s. Kept (shipped, "
-            "`RolloutEngine(teacher_prefix_cache=True)`)."
+            "`RolloutEngine(teacher_prefix_cache=True)`; config `train.teacher_prefix_cache`)."
         )
     else:
         out.append(
@@ -798,7 +798,7 @@ def levers_block(results: Path = RESULTS) -> str:
             f"{fused['peak_rss_mib']:.0f} MiB with it vs {dense['peak_rss_mib']:.0f} MiB without "
             f"(`ours_dense_embedding_grad`, peak RSS ratio {p5['rss_median']:.2f}x); step {fused['median_step_seconds']:.3f} "
             f"vs {dense['median_step_seconds']:.3f} s, throughput ratio per repeat {_spread(p5)}. Kept (shipped, "
-            "`RolloutEngine(sparse_embedding_grad=True)`)."
+            "`RolloutEngine(sparse_embedding_grad=True)`; config `train.sparse_embedding_grad`)."
         )
     return "\n".join(out)
 

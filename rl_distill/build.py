@@ -336,7 +336,16 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
             )
     cross_teacher = build_cross_teacher(config, teacher, tokenizer)
     engine_teacher = None if cross_teacher is not None else teacher  # it cannot read student token ids
-    engine = RolloutEngine(student, engine_teacher, tokenizer, chat_template=config.model.chat_template)
+    engine = RolloutEngine(
+        student,
+        engine_teacher,
+        tokenizer,
+        chat_template=config.model.chat_template,
+        skinny_head=config.train.few_row_products,
+        skinny_layers=config.train.few_row_products,
+        teacher_prefix_cache=config.train.teacher_prefix_cache,
+        sparse_embedding_grad=config.train.sparse_embedding_grad,
+    )
     if dist.sharded:  # every forward is a collective: decode in lock-step across processes
         engine.lockstep = dist.all_finished
     template = getattr(config.agent, "teacher_template", None)

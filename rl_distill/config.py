@@ -243,6 +243,16 @@ class TrainConfig:
     """Micro-batches of each step's gradient pass (1..batch_size): the same update as the whole batch, less memory."""
     gradient_checkpointing: bool = False
     """Recompute the student's activations in its backward pass (less memory); sampling keeps the KV cache."""
+    few_row_products: bool = True
+    """Decode with the few-row products of ``rl_distill/rollout/skinny_head.py`` (output head at 2-8 rows,
+    decoder layers at 2-4 rows; float32 on CPU only, equal to ``F.linear`` to float32 rounding). False: the
+    models' own ``F.linear`` in every product (what Hugging Face ``generate`` computes)."""
+    teacher_prefix_cache: bool = True
+    """Reuse the teacher's KV cache of the prompt prefix every row shares (``rl_distill/rollout/prefix_cache.py``;
+    equal to float32 rounding). False: every scoring forward starts from the first token."""
+    sparse_embedding_grad: bool = True
+    """With tied student embeddings, embed through a sparse-gradient lookup in the gradient forward (less peak
+    memory in backward, the same gradient to rounding). False: the model's own dense-gradient lookup."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any

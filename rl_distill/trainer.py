@@ -91,6 +91,10 @@ RESUMABLE_CHANGES = frozenset(
         # Memory only: the same updates (grad_accum_steps: up to float rounding).
         "train.gradient_checkpointing",
         "train.grad_accum_steps",
+        # Speed and memory only: the same computation to float32 rounding (rl_distill/rollout/).
+        "train.few_row_products",
+        "train.teacher_prefix_cache",
+        "train.sparse_embedding_grad",
         "train.eval_batch_size",
         "train.eval_seed",
         "model.device",

@@ -80,6 +80,8 @@ def test_eval_section_defaults_and_overrides():
         ("eval.reward=bleu", r"eval\.reward: unknown reward 'bleu'; choose one of auto, exact_match, "),
         ("eval.reward={normalize: true}", r"eval\.reward: a reward spec dict needs 'name' or 'weighted_sum'"),
         ("eval.greedy=maybe", r"eval\.greedy: expected bool, got 'maybe'"),
+        ("train.few_row_products=fast", r"train\.few_row_products: expected bool, got 'fast'"),
+        ("train.teacher_prefix_cache=1", r"train\.teacher_prefix_cache: expected bool, got 1"),
         ("agent.reward=bleu", r"agent\.reward: unknown reward 'bleu'; choose one of exact_match, "),
         ("evaluation.greedy=true", r"evaluation: unknown section; expected model, data, agent, train, eval"),
     ],
@@ -131,3 +133,20 @@ def test_every_example_config_trains_one_step_on_a_tiny_teacher(path, tiny_teach
     if config.data.task in ("arithmetic", "factual_summary"):  # the task's (or agent's) reward is evaluated
         assert any(k in result.after for k in ("eval/exact_match", "eval/factual_consistency"))
     assert (tmp_path / "checkpoints" / "step-1" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_engine_levers_follow_the_config(on, tiny_teacher, tmp_path):
+    """``train.few_row_products``, ``teacher_prefix_cache`` and ``sparse_embedding_grad`` reach the engine."""
+    from rl_distill.build import build_run
+
+    flag = str(on).lower()
+    config = load_config(
+        None,
+        [f"model.teacher={tiny_teacher}", "model.student_layers=1", "model.device=cpu", "data.num_train=4",
+         "data.num_eval=2", f"train.output_dir={tmp_path}", "train.tensorboard=false",
+         f"train.few_row_products={flag}", f"train.teacher_prefix_cache={flag}", f"train.sparse_embedding_grad={flag}"],
+    )  # fmt: skip
+    engine = build_run(config).engine
+    assert engine.skinny_head is on and engine.skinny_layers is on
+    assert (engine.prefix_cache is not None) is on and engine.sparse_embedding_grad is on
