@@ -132,21 +132,28 @@ def _count_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("skinny", [True, False])
-def test_engine_generate_uses_it_and_samples_the_same(
-    monkeypatch, tall_student, tall_teacher, tokenizer, skinny
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("lever", ["skinny_head", "skinny_layers"])
+def test_engine_generate_uses_each_product_and_samples_the_same(
+    monkeypatch, tall_student, tall_teacher, tokenizer, lever, on
 ):
     calls = _count_calls(monkeypatch)
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=skinny)
-    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=False)
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, **{lever: on})  # the other one stays on
+    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=False, skinny_layers=False)
     sampling = SamplingConfig(max_new_tokens=8)
     got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
-    forwards = got.completion_ids.shape[1]  # the prefill + one per later token
-    assert calls["transposed"] == (forwards if skinny else 0)
-    calls["transposed"] = calls["layers"] = 0
+    # The head: the prefill's last position and every later one-token forward (4 rows each). The
+    # decoder layers: the one-token forwards only (the prefill feeds 4 x prompt-width rows).
+    forwards = got.completion_ids.shape[1]
+    head_on, layers_on = on or lever != "skinny_head", on or lever != "skinny_layers"
+    assert calls == {
+        "transposed": forwards if head_on else 0,
+        "layers": 2 * 7 * (forwards - 1) if layers_on else 0,
+    }
+    calls.update(transposed=0, layers=0)
     ref = plain.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
-    assert calls["transposed"] == 0
-    assert "forward" not in vars(tall_student.get_output_embeddings())
+    assert calls == {"transposed": 0, "layers": 0}
+    assert not any("forward" in vars(m) for m in _plain_linears(tall_student))
     # Same tokens (the logits differ by float32 rounding only), same log-probs to rounding.
     assert torch.equal(got.completion_ids, ref.completion_ids)
     torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
@@ -259,26 +266,6 @@ def test_decoder_layers_leave_subclasses_alone(tall_student):
     mlp.down_proj = Custom(old.in_features, old.out_features, bias=False)
     with skinny_decoder_layers(tall_student) as switched:
         assert switched == 2 * 7 - 1 and "forward" not in vars(mlp.down_proj)
-
-
-@pytest.mark.parametrize("layers", [True, False])
-def test_engine_generate_uses_the_layer_products_and_samples_the_same(
-    monkeypatch, tall_student, tall_teacher, tokenizer, layers
-):
-    calls = _count_calls(monkeypatch)
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=layers)
-    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_layers=False)
-    sampling = SamplingConfig(max_new_tokens=8)
-    got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
-    # The prefill has 4 x prompt-width rows (F.linear); each later one-token forward has 4 rows.
-    decode_steps = got.completion_ids.shape[1] - 1
-    assert calls["layers"] == (2 * 7 * decode_steps if layers else 0)
-    calls["layers"] = 0
-    ref = plain.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
-    assert calls["layers"] == 0
-    assert not any("forward" in vars(m) for m in _plain_linears(tall_student))
-    assert torch.equal(got.completion_ids, ref.completion_ids)
-    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
 
 
 def test_incremental_scorer_switches_the_layer_products_by_flag():
