@@ -1,5 +1,6 @@
 """The few-row products (rl_distill/rollout/skinny_head.py): same logits, switched only where they should be."""
 
+import contextlib
 import copy
 
 import pytest
@@ -280,13 +281,15 @@ def test_incremental_scorer_switches_the_layer_products_by_flag():
 
 
 def test_no_layer_switch_outside_the_row_regime(monkeypatch, tall_student, tall_teacher, tokenizer):
-    """At more rows than the layer regime the scorer and generate do not shadow the layers at all."""
-    entered = []
+    """Outside 2-4 rows the scorer and generate do not walk the model nor shadow any layer."""
+    switched = []
     real = sh.skinny_decoder_layers
 
-    def spy(model, enabled=True):
-        entered.append(enabled)
-        return real(model, enabled)
+    @contextlib.contextmanager
+    def spy(model, enabled=True, *, rows=None):
+        with real(model, enabled, rows=rows) as n:
+            switched.append((rows, n))
+            yield n
 
     monkeypatch.setattr("rl_distill.rollout.incremental.skinny_decoder_layers", spy)
     monkeypatch.setattr("rl_distill.rollout.engine.skinny_decoder_layers", spy)
@@ -295,11 +298,12 @@ def test_no_layer_switch_outside_the_row_regime(monkeypatch, tall_student, tall_
     rollout = engine.generate(
         prompts, SamplingConfig(max_new_tokens=3), generator=torch.Generator().manual_seed(0)
     )
-    assert entered == [False]
     scorer = engine.incremental_scorer()
     state = scorer.start(engine.encode(prompts))
     scorer.advance(state, rollout.completion_ids[:, 0])
-    assert entered == [False, False, False]  # generate, the prefill (5 x width rows), one 5-row step
+    one = scorer.start(engine.encode(PROMPTS[1:2]))  # one prompt of 19 tokens: 19 prefill rows
+    scorer.advance(one, rollout.completion_ids[:1, 0])  # one row: a matrix-vector product either way
+    assert switched == [(5, 0), (engine.encode(prompts).input_ids.numel(), 0), (5, 0), (19, 0), (1, 0)]
     four = scorer.start(engine.encode(PROMPTS))
     scorer.advance(four, rollout.completion_ids[:4, 0])
-    assert entered[-1] is True  # 4 rows: in the regime
+    assert switched[-1] == (4, 2 * 7)  # 4 rows: every decoder linear switched

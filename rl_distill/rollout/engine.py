@@ -57,7 +57,6 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
-from rl_distill.rollout import skinny_head as _skinny
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
@@ -571,10 +570,7 @@ class RolloutEngine:
         try:
             with (
                 skinny_output_head(model, self.skinny_head),
-                # Layers only when the one-token forwards' B rows are in their regime (2-4 rows).
-                skinny_decoder_layers(
-                    model, self.skinny_layers and len(batch) <= _skinny.SKINNY_LAYER_MAX_ROWS
-                ),
+                skinny_decoder_layers(model, self.skinny_layers, rows=len(batch)),  # B rows per token
             ):
                 tokens, logps, alive = self._decode(model, batch, sampling, generator)
         finally:

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rl_distill.rollout import skinny_head as _skinny
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
 from rl_distill.rollout.skinny_head import skinny_decoder_layers, skinny_output_head
 
@@ -100,11 +99,12 @@ class IncrementalScorer:
     def _few_row_products(self, rows: int) -> Iterator[None]:
         """The few-row head and decoder-layer products (:mod:`rl_distill.rollout.skinny_head`), as switched.
 
-        The decoder layers are switched only when this forward's ``rows`` are in their regime: the
-        switch walks the model and shadows every layer's forward, a cost paid per token here.
+        ``rows``: this forward's rows (the layers are switched only in their regime).
         """
-        layers = self.skinny_layers and rows <= _skinny.SKINNY_LAYER_MAX_ROWS
-        with skinny_output_head(self.model, self.skinny_head), skinny_decoder_layers(self.model, layers):
+        with (
+            skinny_output_head(self.model, self.skinny_head),
+            skinny_decoder_layers(self.model, self.skinny_layers, rows=rows),
+        ):
             yield
 
     def _logprobs(self, logits: Tensor) -> Tensor:

@@ -154,7 +154,7 @@ def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
 
 
 @contextmanager
-def skinny_decoder_layers(model: Any, enabled: bool = True) -> Iterator[int]:
+def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None = None) -> Iterator[int]:
     """Within the block, ``model``'s decoder-layer linear maps use :func:`skinny_linear` (layer regime).
 
     Every plain :class:`torch.nn.Linear` of ``model`` other than its output head (attention
@@ -166,14 +166,20 @@ def skinny_decoder_layers(model: Any, enabled: bool = True) -> Iterator[int]:
     Args:
         model: any module (anything else, e.g. a custom sampler object, is left alone).
         enabled: False makes the block a no-op (the engine's ``skinny_layers=False``).
+        rows: the rows of the forwards the block will run, when known: outside the layer regime (2 to
+            :data:`SKINNY_LAYER_MAX_ROWS`) nothing is switched, which saves walking the model and
+            shadowing every layer where no product would change (a cost paid per token by the
+            environment's incremental scorer).
 
     Yields:
-        The number of layers switched by this block (0 when disabled, or inside an enclosing block
-        that already switched them).
+        The number of layers switched by this block (0 when disabled, outside the row regime, or
+        inside an enclosing block that already switched them).
     """
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     switched: list[nn.Linear] = []
+    if rows is not None and not SKINNY_MIN_ROWS <= rows <= SKINNY_LAYER_MAX_ROWS:
+        enabled = False
     if enabled and isinstance(model, nn.Module):  # a custom sampler (MiniLLM's mixed policy) is left alone
         for module in model.modules():
             if module is head or not _plain_linear(module) or "forward" in vars(module):
