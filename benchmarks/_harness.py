@@ -145,7 +145,22 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "load_average": load_average(),
         "other_pytest_processes": len(busy_processes()),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit hash, ``+`` when it has uncommitted changes (None outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
 
 
 # --------------------------------------------------------------------------------------------

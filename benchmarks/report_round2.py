@@ -324,10 +324,16 @@ def headline_block(results: Path = RESULTS) -> str:
     data = load_headline(results)
     if "steps" not in data:
         return f"No headline run recorded (`benchmarks/results/{HEADLINE_FILE}`)."
-    inv = data["invocations"][-1]
+    runs = [
+        i
+        for i in data.get("invocations", [])
+        if "steps" in i.get("command", "") or "--configs" in i.get("command", "")
+    ]
+    inv = runs[-1] if runs else {}
     lines = [
-        f"`{inv['command']}` — started {inv['started']}, {inv.get('wall_seconds', 0) / 60:.1f} min; load average "
-        f"before {inv['machine'].get('load_average')}, after {inv.get('load_average_after')}.",
+        f"`{inv.get('command', '(command not recorded)')}` — started {inv.get('started', '?')}, "
+        f"{inv.get('wall_seconds', 0) / 60:.1f} min; load average before "
+        f"{inv.get('machine', {}).get('load_average')}, after {inv.get('load_average_after')}.",
         "",
         _side_by_side(data),
         "",

@@ -211,7 +211,11 @@ def build_cross_teacher(
     assert teacher is not None and mc.teacher is not None  # the config requires a teacher model
     teacher_tokenizer = load_tokenizer(mc.teacher, trust_remote_code=mc.trust_remote_code)
     return CrossTokenizerTeacher(
-        teacher, teacher_tokenizer, student_tokenizer, chat_template=mc.chat_template
+        teacher,
+        teacher_tokenizer,
+        student_tokenizer,
+        chat_template=mc.chat_template,
+        engine_options=config.train.engine_options(),
     )
 
 
@@ -341,10 +345,7 @@ def build_components(config: Config, *, models: Models | None = None, task: Task
         engine_teacher,
         tokenizer,
         chat_template=config.model.chat_template,
-        skinny_head=config.train.few_row_products,
-        skinny_layers=config.train.few_row_products,
-        teacher_prefix_cache=config.train.teacher_prefix_cache,
-        sparse_embedding_grad=config.train.sparse_embedding_grad,
+        **config.train.engine_options(),
     )
     if dist.sharded:  # every forward is a collective: decode in lock-step across processes
         engine.lockstep = dist.all_finished

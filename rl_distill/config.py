@@ -258,6 +258,15 @@ class TrainConfig:
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
     ``rl_distill.curriculum.CurriculumConfig`` field; deterministic under ``seed``, resumed exactly."""
 
+    def engine_options(self) -> dict[str, bool]:
+        """The :class:`~rl_distill.rollout.RolloutEngine` keyword arguments of the fast-path switches."""
+        return {
+            "skinny_head": self.few_row_products,
+            "skinny_layers": self.few_row_products,
+            "teacher_prefix_cache": self.teacher_prefix_cache,
+            "sparse_embedding_grad": self.sparse_embedding_grad,
+        }
+
     def __post_init__(self) -> None:
         for name in (
             "steps",

@@ -50,7 +50,7 @@ Limits (stated, not hidden):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +288,8 @@ class CrossTokenizerTeacher:
         teacher_tokenizer: its tokenizer.
         student_tokenizer: the student's tokenizer (for decoding student completions).
         chat_template: whether the teacher's prompts use its chat template (None: if it has one).
+        engine_options: extra :class:`~rl_distill.rollout.RolloutEngine` keyword arguments (the
+            fast-path switches, ``TrainConfig.engine_options``).
     """
 
     def __init__(
@@ -297,12 +299,15 @@ class CrossTokenizerTeacher:
         student_tokenizer: PreTrainedTokenizerBase,
         *,
         chat_template: bool | None = None,
+        engine_options: Mapping[str, bool] | None = None,
     ) -> None:
         teacher.eval().requires_grad_(False)
         self.teacher = teacher
         self.tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
-        self.engine = RolloutEngine(teacher, teacher, teacher_tokenizer, chat_template=chat_template)
+        self.engine = RolloutEngine(
+            teacher, teacher, teacher_tokenizer, chat_template=chat_template, **(engine_options or {})
+        )
 
     @property
     def vocab_size(self) -> int:

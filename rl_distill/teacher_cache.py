@@ -551,7 +551,9 @@ def build_teacher_cache(
             mc.teacher, dtype=mc.teacher_dtype or mc.dtype, device=resolve_device(mc.device),
             trust_remote_code=mc.trust_remote_code,
         ).eval()  # fmt: skip
-        engine = RolloutEngine(teacher, teacher, tokenizer, chat_template=mc.chat_template)
+        engine = RolloutEngine(
+            teacher, teacher, tokenizer, chat_template=mc.chat_template, **config.train.engine_options()
+        )
         template = getattr(agent, "teacher_template", None)
         if template:
             engine.set_teacher_template(template, [*task.train, *task.eval])

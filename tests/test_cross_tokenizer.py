@@ -295,3 +295,15 @@ def test_config_refuses_inconsistent_cross_tokenizer_settings(model, agent, mess
     raw = {"model": {"teacher": "t", "student": "s", **model}, "agent": agent}
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_the_teacher_engine_takes_the_fast_path_switches(pair):
+    """``TrainConfig.engine_options`` reaches the cross-tokenizer teacher's own engine."""
+    from rl_distill.config import TrainConfig
+
+    teacher, t_tok, _, s_tok = pair
+    off = TrainConfig(few_row_products=False, teacher_prefix_cache=False, sparse_embedding_grad=False)
+    engine = CrossTokenizerTeacher(teacher, t_tok, s_tok, engine_options=off.engine_options()).engine
+    assert not engine.skinny_head and not engine.skinny_layers and engine.prefix_cache is None
+    default = CrossTokenizerTeacher(teacher, t_tok, s_tok).engine
+    assert default.skinny_head and default.skinny_layers and default.prefix_cache is not None

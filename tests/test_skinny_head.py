@@ -225,11 +225,12 @@ def _plain_linears(model):
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
 
-def test_decoder_layers_switch_is_scoped_and_restored(tall_student):
+def test_decoder_layers_switch_is_scoped_and_restored(monkeypatch, tall_student):
     head = tall_student.get_output_embeddings()
     layers = [m for m in _plain_linears(tall_student) if m is not head]
     assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    calls = _count_calls(monkeypatch)
     with torch.no_grad():
         out = tall_student(input_ids=ids[:, :2], use_cache=True)
         step = {"input_ids": ids[:, 2:], "position_ids": torch.full((3, 1), 2)}
@@ -243,7 +244,7 @@ def test_decoder_layers_switch_is_scoped_and_restored(tall_student):
             fast = tall_student(**step, past_key_values=copy.deepcopy(out.past_key_values)).logits[:, -1]
         assert not any("forward" in vars(m) for m in layers)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(fast, plain)  # the transposed product really ran (a different sum order)
+    assert calls["layers"] == len(layers)  # the one 3-row step took the transposed product in every layer
     with pytest.raises(RuntimeError, match="boom"), skinny_decoder_layers(tall_student):
         raise RuntimeError("boom")
     assert not any("forward" in vars(m) for m in layers)  # restored on error too
@@ -301,9 +302,48 @@ def test_no_layer_switch_outside_the_row_regime(monkeypatch, tall_student, tall_
     scorer = engine.incremental_scorer()
     state = scorer.start(engine.encode(prompts))
     scorer.advance(state, rollout.completion_ids[:, 0])
-    one = scorer.start(engine.encode(PROMPTS[1:2]))  # one prompt of 19 tokens: 19 prefill rows
+    one_prompt = engine.encode(PROMPTS[1:2])  # one prompt of more than 4 tokens
+    one = scorer.start(one_prompt)
     scorer.advance(one, rollout.completion_ids[:1, 0])  # one row: a matrix-vector product either way
-    assert switched == [(5, 0), (engine.encode(prompts).input_ids.numel(), 0), (5, 0), (19, 0), (1, 0)]
+    wide = (engine.encode(prompts).input_ids.numel(), one_prompt.input_ids.numel())
+    assert wide[1] > 4
+    assert switched == [(5, 0), (wide[0], 0), (5, 0), (wide[1], 0), (1, 0)]
     four = scorer.start(engine.encode(PROMPTS))
     scorer.advance(four, rollout.completion_ids[:4, 0])
     assert switched[-1] == (4, 2 * 7)  # 4 rows: every decoder linear switched
+
+
+def test_switched_layers_keep_nn_linear_s_calling_convention_and_hooks(tall_student):
+    layer = tall_student.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    x = torch.randn(3, 1, layer.in_features)
+    try:
+        with torch.no_grad(), skinny_decoder_layers(tall_student, rows=3):
+            by_name = layer(input=x)  # nn.Linear.forward's parameter is called ``input``
+            positional = layer(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(by_name, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert torch.equal(by_name, positional) and seen == [(3, 1, layer.out_features)] * 2
+
+
+def test_lora_models_switch_base_and_adapter_layers_but_not_the_head(tall_student):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tall_student,
+        peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], lora_alpha=4, lora_dropout=0.0),
+    )
+    head = model.get_output_embeddings()
+    inside_head = [m for m in head.modules() if type(m) is torch.nn.Linear]
+    assert inside_head  # the LoRA head's base layer and adapters are plain nn.Linear
+    ids = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    with torch.no_grad():
+        with skinny_decoder_layers(model, rows=3) as switched:
+            assert not any("forward" in vars(m) for m in inside_head)
+            q = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert all("forward" in vars(m) for m in (q.base_layer, q.lora_A["default"], q.lora_B["default"]))
+            # every plain linear outside the head: 2 layers x 7 base maps + 2 layers x 2 q_proj adapters
+            assert switched == 2 * 7 + 2 * 2
+            one_step = model(input_ids=ids[:, :1]).logits  # 3 rows: in the regime
+        torch.testing.assert_close(one_step, model(input_ids=ids[:, :1]).logits, rtol=1e-5, atol=1e-5)

@@ -222,3 +222,19 @@ def test_bfloat16_cache_halves_the_logprobs_and_stays_close(models, tmp_path):
     assert b["topk_logprobs"].nbytes * 2 == a["topk_logprobs"].nbytes
     assert torch.equal(a["topk_ids"], b["topk_ids"])
     torch.testing.assert_close(b["topk_logprobs"].float(), a["topk_logprobs"], atol=0.02, rtol=0.01)
+
+
+def test_the_cache_builder_honours_the_fast_path_switches(models, tmp_path, monkeypatch):
+    """``train.few_row_products`` / ``teacher_prefix_cache`` reach the teacher engine that fills the cache."""
+    import rl_distill.teacher_cache as tc
+
+    teacher, student = models
+    seen = []
+    real = tc.RolloutEngine
+    monkeypatch.setattr(tc, "RolloutEngine", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    raw = kd_config(teacher, student, tmp_path / "run")
+    raw["train"].update(few_row_products=False, teacher_prefix_cache=False)
+    build_teacher_cache(config_from_dict(raw), tmp_path / "cache", shard_size=8, batch_size=4, log=None)
+    assert seen and all(
+        kw["skinny_head"] is kw["skinny_layers"] is kw["teacher_prefix_cache"] is False for kw in seen
+    )

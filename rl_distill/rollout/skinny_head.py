@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -153,15 +154,25 @@ def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
         del head.forward
 
 
+def _layer_forward(layer: nn.Linear, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear.forward's name
+    """A switched decoder layer's forward: :func:`skinny_linear` in the layer regime."""
+    return skinny_linear(input, layer.weight, layer.bias, head=False)
+
+
 @contextmanager
 def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None = None) -> Iterator[int]:
     """Within the block, ``model``'s decoder-layer linear maps use :func:`skinny_linear` (layer regime).
 
-    Every plain :class:`torch.nn.Linear` of ``model`` other than its output head (attention
-    projections, MLP; a LoRA wrapper's frozen base layer too, whose adapter path is left alone) is
-    switched; subclasses, quantised and FSDP-sharded layers keep their own forward. Outside the few-row
-    regime (the prefill, scoring, training forwards, bf16, autocast) the switched layers call
-    ``F.linear`` exactly as before.
+    Every plain :class:`torch.nn.Linear` of ``model`` outside its output head (attention projections,
+    MLP; under LoRA the frozen base layers and the adapter matrices, which are plain ``nn.Linear``
+    too) is switched; the output head and everything inside it (a LoRA-wrapped head's base layer)
+    are left to :func:`skinny_output_head`; subclasses, quantised and FSDP-sharded layers keep their
+    own forward. Outside the few-row regime (the prefill, scoring, training forwards, bf16, autocast)
+    the switched layers call ``F.linear`` exactly as before.
+
+    The switch is an instance attribute for the duration of the block: do not copy, pickle or save
+    the model inside it (a deep copy would keep the switched forwards), and do not enter it for one
+    model from two threads at once.
 
     Args:
         model: any module (anything else, e.g. a custom sampler object, is left alone).
@@ -177,18 +188,16 @@ def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None 
     """
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
+    skip = set(head.modules()) if isinstance(head, nn.Module) else set()
     switched: list[nn.Linear] = []
     if rows is not None and not SKINNY_MIN_ROWS <= rows <= SKINNY_LAYER_MAX_ROWS:
         enabled = False
     if enabled and isinstance(model, nn.Module):  # a custom sampler (MiniLLM's mixed policy) is left alone
         for module in model.modules():
-            if module is head or not _plain_linear(module) or "forward" in vars(module):
+            if module in skip or not _plain_linear(module) or "forward" in vars(module):
                 continue
-
-            def forward(x: Tensor, layer: nn.Linear = module) -> Tensor:
-                return skinny_linear(x, layer.weight, layer.bias, head=False)
-
-            module.forward = forward  # type: ignore[method-assign]  # shadows nn.Linear.forward here
+            # nn.Linear.forward's signature (one argument, named ``input``), bound to this layer.
+            module.forward = partial(_layer_forward, module)  # type: ignore[method-assign]
             switched.append(module)
     try:
         yield len(switched)
