@@ -13,6 +13,9 @@ Methods (:data:`METHODS`):
   (:mod:`benchmarks._patches` ``no_prefix_cache``): lever 4 alone;
 - ``ours_dense_embedding_grad``: ``ours`` with the model's own (dense-gradient) embedding lookup
   (:mod:`benchmarks._patches` ``dense_embedding_grad``): the memory lever alone;
+- ``ours_strided_head``: ``ours`` with the output head reading Hugging Face's strided
+  ``logits_to_keep`` slice as it is (:mod:`benchmarks._patches` ``strided_head_input``): the
+  head-input lever alone (with ``precision: bf16``, that lever in the bf16 configuration);
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -491,6 +494,9 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     ),
     "ours_dense_embedding_grad": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("dense_embedding_grad",), name="ours_dense_embedding_grad"
+    ),
+    "ours_strided_head": lambda spec: run_ours(
+        spec, lmbda=1.0, patches=("strided_head_input",), name="ours_strided_head"
     ),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),

@@ -20,6 +20,9 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
 - ``dense_embedding_grad``: the student's tokens embedded by the model itself (dense lookup
   gradient) instead of the engine's sparse-gradient lookup (``sparse_grad_embeddings``): the
   memory lever alone.
+- ``strided_head_input``: the output head reads Hugging Face's strided ``logits_to_keep`` slice as
+  it is (every ``dense_head_input`` block of :mod:`rl_distill.rollout.skinny_head` a no-op): the
+  head-input lever alone.
 
 History (issue #12, #18): ``inverse_cdf_sampling`` (the engine samples by inverse CDF since
 07b5d6f), ``small_chunks`` (2**20 elements; the library default is 2**19 since 247e0a2) and the
@@ -79,6 +82,13 @@ def patch_dense_embedding_grad() -> Callable[[], None]:
     return _replace(engine, "sparse_grad_embeddings", _returns_none)
 
 
+def patch_strided_head_input() -> Callable[[], None]:
+    """Make every ``dense_head_input`` block a no-op (the head reads the strided slice); returns the undo."""
+    import rl_distill.rollout.skinny_head as sh
+
+    return _replace(sh, "_output_head", _returns_none)
+
+
 #: name -> installer returning an undo callable.
 PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "recompute_grad": patch_recompute_grad,
@@ -86,6 +96,7 @@ PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "linear_layers": patch_linear_layers,
     "no_prefix_cache": patch_no_prefix_cache,
     "dense_embedding_grad": patch_dense_embedding_grad,
+    "strided_head_input": patch_strided_head_input,
 }
 
 

@@ -79,6 +79,9 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     "ours_no_prefix_cache": ("ours_no_prefix_cache", {}, "core"),
     # the memory lever alone: the student's embedding lookup with its dense gradient
     "ours_dense_embedding_grad": ("ours_dense_embedding_grad", {}, "core"),
+    # the head-input lever alone: the output head reads the strided logits_to_keep slice (fp32 and bf16)
+    "ours_strided_head": ("ours_strided_head", {}, "core"),
+    "ours_bf16_strided_head": ("ours_strided_head", {"precision": "bf16"}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -104,6 +107,8 @@ PAIRS: dict[str, tuple[str, str]] = {
     "decode lever: skinny decoder layers vs F.linear layers": ("ours", "ours_linear_layers"),
     "lever 4: teacher prefix cache vs none": ("ours", "ours_no_prefix_cache"),
     "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
+    "head-input lever: dense vs strided head input": ("ours", "ours_strided_head"),
+    "head-input lever, bf16: dense vs strided head input": ("ours_bf16", "ours_bf16_strided_head"),
 }
 
 
@@ -305,6 +310,50 @@ def measure_layer_products(
     return out
 
 
+def measure_head_input(
+    weight: Tensor, batch_size: int, prompt_width: int, new_tokens: int, repeats: int = 5
+) -> dict[str, Any]:
+    """The output head on Hugging Face's strided ``logits_to_keep`` slice against a dense copy of it.
+
+    Three slices of a ``(rows, width, d)`` hidden-state tensor, as the models hand them to the head:
+    ``score`` (``[:, -T:]`` of a prompt + completion forward, what the teacher's scoring and the
+    student's gradient forward keep), ``prefill`` (``[:, -1:]`` of the prompts, the decode's first
+    logits) and ``prefill_1row`` (the same for one prompt: a view PyTorch calls contiguous). For each,
+    float32 and bfloat16: ``F.linear`` on the slice, and on a dense copy (the copy timed too: what
+    :func:`rl_distill.rollout.skinny_head.dense_head_input` does); the median over ``repeats`` of the
+    mean of 3 calls, in ms.
+    """
+    import torch.nn.functional as F
+
+    def timed(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(3):
+                fn()
+            times.append((time.perf_counter() - start) / 3 * 1e3)
+        return statistics.median(times)
+
+    shapes = {
+        "score": (batch_size, prompt_width + new_tokens - 1, new_tokens),
+        "prefill": (batch_size, prompt_width, 1),
+        "prefill_1row": (1, prompt_width, 1),
+    }
+    out: dict[str, Any] = {"shape": list(weight.shape), "repeats": repeats, "slices": {}, "ms": {}}
+    gen = torch.Generator().manual_seed(0)
+    for name, (rows, width, keep) in shapes.items():
+        out["slices"][name] = {"hidden": [rows, width, weight.shape[1]], "kept": keep}
+        for dtype in ("float32", "bfloat16"):
+            w = weight.to(getattr(torch, dtype)).contiguous()
+            x = torch.randn(rows, width, w.shape[1], generator=gen).to(w.dtype)[:, -keep:]
+            out["ms"][f"{name}_{dtype}"] = {
+                "strided": timed(lambda x=x, w=w: F.linear(x, w)),
+                "dense": timed(lambda x=x, w=w: F.linear(x.clone(memory_format=torch.contiguous_format), w)),
+            }
+    return out
+
+
 def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
     """Per-token decode of the student: engine ``generate`` (sampling included) and greedy model loops.
 
@@ -312,7 +361,8 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     engine's sampling and bookkeeping; ``generate_linear_head`` the same with the engine's few-row
     output head off (``skinny_head=False``), ``generate_linear_layers`` with the decoder layers'
     few-row products off (``skinny_layers=False``). ``head``: :func:`measure_head` on the student's
-    head; ``layers``: :func:`measure_layer_products` on its decoder layers. The greedy loops time the one-token forwards alone, with the
+    head; ``layers``: :func:`measure_layer_products` on its decoder layers; ``head_input``:
+    :func:`measure_head_input` on its head. The greedy loops time the one-token forwards alone, with the
     dynamic cache (the engine's) and a static one (``transformers.StaticCache``); their last logits
     are compared. Each is measured in fp32 and under bf16 autocast (``train.precision: bf16``).
     """
@@ -346,6 +396,13 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     }
     out["head"] = measure_head(student.get_output_embeddings().weight.detach(), repeats=max(repeats, 5))
     out["layers"] = measure_layer_products(student, repeats=max(repeats, 5))
+    out["head_input"] = measure_head_input(
+        student.get_output_embeddings().weight.detach(),
+        spec.batch_size,
+        batch.input_ids.shape[1],
+        spec.max_new_tokens,
+        repeats=max(repeats, 5),
+    )
     linear_engine = RolloutEngine(student, teacher, tokenizer, skinny_head=False)
     linear_layers_engine = RolloutEngine(student, teacher, tokenizer, skinny_layers=False)
     gen = torch.Generator().manual_seed(spec.seed)

@@ -614,7 +614,41 @@ def decode_block(results: Path = RESULTS) -> str:
             lines.append(
                 f"| `{name}` ({cells['shape'][0]} x {cells['shape'][1]}) | " + " | ".join(row) + " |"
             )
+    lines += _head_input_table(dec.get("head_input"))
     return "\n".join(lines)
+
+
+#: What each slice of :func:`benchmarks.perf_round2.measure_head_input` is, for the table.
+HEAD_INPUT_SLICES = {
+    "score": "scoring / gradient forward, `[:, -T:]`",
+    "prefill": "prefill, `[:, -1:]`",
+    "prefill_1row": "prefill of one prompt, `[:, -1:]`",
+}
+
+
+def _head_input_table(head_input: dict[str, Any] | None) -> list[str]:
+    """The head on the strided ``logits_to_keep`` slice against a dense copy (``decode.head_input``)."""
+    if not head_input:
+        return []
+    lines = [
+        "",
+        f"The output head ({head_input['shape'][0]} x {head_input['shape'][1]}) on the hidden states Hugging Face "
+        "hands it (`h[:, -k:, :]` for `logits_to_keep=k`, a strided view) against a dense copy of them, copy "
+        f"included (what `dense_head_input` does; ms per product, median of {head_input['repeats']}):",
+        "",
+        "| slice (hidden states, kept positions) | float32: strided vs dense | bfloat16: strided vs dense |",
+        "|---|---|---|",
+    ]
+    for name, facts in head_input["slices"].items():
+        cells = []
+        for dtype in ("float32", "bfloat16"):
+            c = head_input["ms"][f"{name}_{dtype}"]
+            cells.append(f"{c['strided']:.1f} vs {c['dense']:.1f} ({c['strided'] / c['dense']:.1f}x)")
+        shape = " x ".join(str(n) for n in facts["hidden"])
+        lines.append(
+            f"| {HEAD_INPUT_SLICES.get(name, name)} ({shape}, {facts['kept']}) | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def memory_block(results: Path = RESULTS) -> str:
@@ -805,6 +839,30 @@ def levers_block(results: Path = RESULTS) -> str:
             f"(`ours_dense_embedding_grad`, peak RSS ratio {p5['rss_median']:.2f}x); step {fused['median_step_seconds']:.3f} "
             f"vs {dense['median_step_seconds']:.3f} s, throughput ratio per repeat {_spread(p5)}. Kept (shipped, "
             "`RolloutEngine(sparse_embedding_grad=True)`; config `train.sparse_embedding_grad`)."
+        )
+    head_lines = []
+    for dense_name, strided_name, label in (
+        ("ours", "ours_strided_head", "fp32"),
+        ("ours_bf16", "ours_bf16_strided_head", "bf16"),
+    ):
+        on, off, pair = (
+            config_summary(data, dense_name),
+            config_summary(data, strided_name),
+            pair_ratios(data, dense_name, strided_name),
+        )
+        if on and off and pair:
+            head_lines.append(
+                f"{label}: step {on['median_step_seconds']:.3f} s with it vs {off['median_step_seconds']:.3f} s without "
+                f"(`{strided_name}`), throughput ratio per repeat {_spread(pair)}; teacher phase "
+                f"{on['phases']['teacher']:.3f} vs {off['phases']['teacher']:.3f} s"
+            )
+    if head_lines:
+        out.append(
+            "6. **The head's input, dense** (`dense_head_input` in `rl_distill/rollout/skinny_head.py`: the teacher's "
+            "scoring, the student's gradient forward and the prefills hand the output head a dense copy of the "
+            "strided `logits_to_keep` slice; the head-input table in section 3): "
+            + "; ".join(head_lines)
+            + ". Kept (shipped, `RolloutEngine(dense_head_input=True)`; config `train.dense_head_input`)."
         )
     return "\n".join(out)
 

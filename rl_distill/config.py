@@ -253,6 +253,10 @@ class TrainConfig:
     sparse_embedding_grad: bool = True
     """With tied student embeddings, embed through a sparse-gradient lookup in the gradient forward (less peak
     memory in backward, the same gradient to rounding). False: the model's own dense-gradient lookup."""
+    dense_head_input: bool = True
+    """Hand the output head a densely strided copy of the hidden states it keeps when scoring, training and
+    prefilling (``rl_distill/rollout/skinny_head.py``: on CPU ``F.linear`` on Hugging Face's ``logits_to_keep``
+    slice is many times slower, above all in bfloat16). False: the model's own strided slice."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
@@ -265,6 +269,7 @@ class TrainConfig:
             "skinny_layers": self.few_row_products,
             "teacher_prefix_cache": self.teacher_prefix_cache,
             "sparse_embedding_grad": self.sparse_embedding_grad,
+            "dense_head_input": self.dense_head_input,
         }
 
     def __post_init__(self) -> None:

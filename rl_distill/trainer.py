@@ -95,6 +95,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.few_row_products",
         "train.teacher_prefix_cache",
         "train.sparse_embedding_grad",
+        "train.dense_head_input",
         "train.eval_batch_size",
         "train.eval_seed",
         "model.device",

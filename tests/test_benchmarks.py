@@ -316,6 +316,16 @@ def test_perf_round2_smoke_and_report(tmp_path):
     assert "sum of phases" in blocks["r2_phases"] and "not measured" in blocks["r2_summary"]
     assert "`F.linear` decoder layers (`skinny_layers=False`)" in blocks["r2_decode"]
     assert "| `gate_proj` (" in blocks["r2_decode"]
+    head_input = dec["head_input"]  # the head on the strided logits_to_keep slice vs a dense copy
+    assert set(head_input["slices"]) == {"score", "prefill", "prefill_1row"}
+    assert head_input["slices"]["score"] == {
+        "hidden": [2, dec["prompt_width"] + 3, dec["hidden_size"]],
+        "kept": 4,
+    }
+    assert (
+        all(c["strided"] > 0 < c["dense"] for c in head_input["ms"].values()) and len(head_input["ms"]) == 6
+    )
+    assert "| prefill of one prompt, `[:, -1:]` (1 x " in blocks["r2_decode"]
 
 
 def test_lever_switches_turn_the_levers_off_and_are_undone(tokenizer):
@@ -356,6 +366,22 @@ def test_linear_layers_switch_turns_the_layer_products_off_and_is_undone():
     finally:
         undo()
     assert sh._uses_transposed(x, w, head=False) and sh.SKINNY_LAYER_MAX_ROWS == 4
+
+
+def test_strided_head_input_switch_leaves_the_slice_and_is_undone():
+    from rl_distill.models import tiny_llama
+    from rl_distill.rollout.skinny_head import dense_head_input
+
+    model = tiny_llama(64, hidden_size=16, num_layers=1)
+    head = model.get_output_embeddings()
+    undo = apply_patches(["strided_head_input"])
+    try:
+        with dense_head_input(model) as on:
+            assert not on and not head._forward_pre_hooks
+    finally:
+        undo()
+    with dense_head_input(model) as on:
+        assert on and len(head._forward_pre_hooks) == 1
 
 
 def test_dense_embedding_grad_switch_declines_and_is_undone(tokenizer):

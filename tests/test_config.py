@@ -82,6 +82,7 @@ def test_eval_section_defaults_and_overrides():
         ("eval.greedy=maybe", r"eval\.greedy: expected bool, got 'maybe'"),
         ("train.few_row_products=fast", r"train\.few_row_products: expected bool, got 'fast'"),
         ("train.teacher_prefix_cache=1", r"train\.teacher_prefix_cache: expected bool, got 1"),
+        ("train.dense_head_input=yes please", r"train\.dense_head_input: expected bool, got 'yes please'"),
         ("agent.reward=bleu", r"agent\.reward: unknown reward 'bleu'; choose one of exact_match, "),
         ("evaluation.greedy=true", r"evaluation: unknown section; expected model, data, agent, train, eval"),
     ],
@@ -137,7 +138,7 @@ def test_every_example_config_trains_one_step_on_a_tiny_teacher(path, tiny_teach
 
 @pytest.mark.parametrize("on", [True, False])
 def test_engine_levers_follow_the_config(on, tiny_teacher, tmp_path):
-    """``train.few_row_products``, ``teacher_prefix_cache`` and ``sparse_embedding_grad`` reach the engine."""
+    """``train.few_row_products``, ``teacher_prefix_cache``, ``sparse_embedding_grad``, ``dense_head_input`` reach the engine."""
     from rl_distill.build import build_run
 
     flag = str(on).lower()
@@ -145,8 +146,10 @@ def test_engine_levers_follow_the_config(on, tiny_teacher, tmp_path):
         None,
         [f"model.teacher={tiny_teacher}", "model.student_layers=1", "model.device=cpu", "data.num_train=4",
          "data.num_eval=2", f"train.output_dir={tmp_path}", "train.tensorboard=false",
-         f"train.few_row_products={flag}", f"train.teacher_prefix_cache={flag}", f"train.sparse_embedding_grad={flag}"],
+         f"train.few_row_products={flag}", f"train.teacher_prefix_cache={flag}", f"train.sparse_embedding_grad={flag}",
+         f"train.dense_head_input={flag}"],
     )  # fmt: skip
     engine = build_run(config).engine
     assert engine.skinny_head is on and engine.skinny_layers is on
     assert (engine.prefix_cache is not None) is on and engine.sparse_embedding_grad is on
+    assert engine.dense_head_input is on

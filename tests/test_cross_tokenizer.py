@@ -302,8 +302,15 @@ def test_the_teacher_engine_takes_the_fast_path_switches(pair):
     from rl_distill.config import TrainConfig
 
     teacher, t_tok, _, s_tok = pair
-    off = TrainConfig(few_row_products=False, teacher_prefix_cache=False, sparse_embedding_grad=False)
+    off = TrainConfig(
+        few_row_products=False,
+        teacher_prefix_cache=False,
+        sparse_embedding_grad=False,
+        dense_head_input=False,
+    )
     engine = CrossTokenizerTeacher(teacher, t_tok, s_tok, engine_options=off.engine_options()).engine
     assert not engine.skinny_head and not engine.skinny_layers and engine.prefix_cache is None
+    assert not engine.dense_head_input
     default = CrossTokenizerTeacher(teacher, t_tok, s_tok).engine
     assert default.skinny_head and default.skinny_layers and default.prefix_cache is not None
+    assert default.dense_head_input

@@ -233,8 +233,13 @@ def test_the_cache_builder_honours_the_fast_path_switches(models, tmp_path, monk
     real = tc.RolloutEngine
     monkeypatch.setattr(tc, "RolloutEngine", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     raw = kd_config(teacher, student, tmp_path / "run")
-    raw["train"].update(few_row_products=False, teacher_prefix_cache=False)
+    raw["train"].update(few_row_products=False, teacher_prefix_cache=False, dense_head_input=False)
     build_teacher_cache(config_from_dict(raw), tmp_path / "cache", shard_size=8, batch_size=4, log=None)
     assert seen and all(
-        kw["skinny_head"] is kw["skinny_layers"] is kw["teacher_prefix_cache"] is False for kw in seen
+        kw["skinny_head"]
+        is kw["skinny_layers"]
+        is kw["teacher_prefix_cache"]
+        is kw["dense_head_input"]
+        is False
+        for kw in seen
     )

@@ -60,6 +60,7 @@ from rl_distill.models.loading import VocabInfo, check_pair
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
+from rl_distill.rollout.skinny_head import dense_head_input as _dense_head
 from rl_distill.rollout.skinny_head import skinny_decoder_layers, skinny_output_head
 
 TeacherOutput = Literal["none", "full", "topk"]
@@ -266,6 +267,7 @@ def completion_forward(
     *,
     output_hidden_states: bool = False,
     sparse_embedding_grad: bool = False,
+    dense_head_input: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (and optionally last hidden states) at the completion positions, from one causal forward.
 
@@ -283,6 +285,9 @@ def completion_forward(
         sparse_embedding_grad: embed the tokens with a sparse-gradient lookup when the input and
             output embeddings are tied (:func:`sparse_grad_embeddings`): one ``(V, d)`` gradient
             tensor fewer at the backward's peak, the same gradient to float rounding.
+        dense_head_input: hand the output head a densely strided copy of the kept positions'
+            hidden states (:func:`~rl_distill.rollout.skinny_head.dense_head_input`: ``F.linear`` on
+            the strided slice is many times slower on CPU, in bfloat16 above all).
 
     Returns:
         ``(B, T, V)`` logits, where ``[:, t]`` is the distribution of completion token ``t``, and
@@ -290,15 +295,16 @@ def completion_forward(
     """
     ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
     embeds = sparse_grad_embeddings(model, ids) if sparse_embedding_grad else None
-    out = model(
-        input_ids=ids if embeds is None else None,
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        use_cache=False,
-        logits_to_keep=num_completion,
-        output_hidden_states=output_hidden_states,
-    )
+    with _dense_head(model, dense_head_input):
+        out = model(
+            input_ids=ids if embeds is None else None,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=num_completion,
+            output_hidden_states=output_hidden_states,
+        )
     logits = out.logits  # (B, T, V_model)
     logits = logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
     hidden = out.hidden_states[-1][:, -num_completion:] if output_hidden_states else None  # (B, T, H)
@@ -306,10 +312,18 @@ def completion_forward(
 
 
 def completion_logits(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, num_completion: int, vocab_size: int
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_completion: int,
+    vocab_size: int,
+    *,
+    dense_head_input: bool = True,
 ) -> Tensor:
     """Logits ``(B, T, V)`` that predict the last ``num_completion`` tokens: :func:`completion_forward`."""
-    return completion_forward(model, input_ids, attention_mask, num_completion, vocab_size)[0]
+    return completion_forward(
+        model, input_ids, attention_mask, num_completion, vocab_size, dense_head_input=dense_head_input
+    )[0]
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -412,6 +426,10 @@ class RolloutEngine:
         sparse_embedding_grad: the student's gradient forward embeds its tokens with a
             sparse-gradient lookup when its input and output embeddings are tied
             (:func:`sparse_grad_embeddings`: less peak memory in backward, same gradient to rounding).
+        dense_head_input: the scoring, training and prefill forwards hand the output head a densely
+            strided input (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; on CPU
+            ``F.linear`` on Hugging Face's ``logits_to_keep`` slice is many times slower, above all
+            in bfloat16). False: the model's own strided slice.
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -430,8 +448,10 @@ class RolloutEngine:
         skinny_layers: bool = True,
         teacher_prefix_cache: bool = True,
         sparse_embedding_grad: bool = True,
+        dense_head_input: bool = True,
     ) -> None:
         self.student = student
+        self.dense_head_input = dense_head_input
         self.skinny_head = skinny_head
         self.skinny_layers = skinny_layers
         self.sparse_embedding_grad = sparse_embedding_grad
@@ -569,6 +589,7 @@ class RolloutEngine:
         model.eval()
         try:
             with (
+                _dense_head(model, self.dense_head_input),  # the prefill's logits_to_keep=1 slice
                 skinny_output_head(model, self.skinny_head),
                 skinny_decoder_layers(model, self.skinny_layers, rows=len(batch)),  # B rows per token
             ):
@@ -757,14 +778,21 @@ class RolloutEngine:
         start = time.perf_counter()
         num = rollout.completion_ids.shape[1]
         input_ids, attention_mask = self.teacher_inputs(rollout, teacher_prompts)
-        with torch.inference_mode():
+        with torch.inference_mode(), _dense_head(self.teacher, self.dense_head_input):
             logits = None
             if self.prefix_cache is not None and self.lockstep is None:
                 logits = self.prefix_cache.completion_logits(
                     self.teacher, input_ids, attention_mask, num, self.vocab_size
                 )
             if logits is None:
-                logits = completion_logits(self.teacher, input_ids, attention_mask, num, self.vocab_size)
+                logits = completion_logits(
+                    self.teacher,
+                    input_ids,
+                    attention_mask,
+                    num,
+                    self.vocab_size,
+                    dense_head_input=self.dense_head_input,
+                )
             scaled = logits.float() if teacher_temperature == 1.0 else logits.float() / teacher_temperature
             logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
             tok_logp = logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
@@ -825,6 +853,7 @@ class RolloutEngine:
             self.vocab_size,
             output_hidden_states=output_hidden_states,
             sparse_embedding_grad=self.sparse_embedding_grad,
+            dense_head_input=self.dense_head_input,
         )
 
     def rollout(
@@ -866,6 +895,7 @@ class RolloutEngine:
             pad_id=self.pad_id,
             skinny_head=self.skinny_head,
             skinny_layers=self.skinny_layers,
+            dense_head_input=self.dense_head_input,
         )
 
     def decode(self, rollout: Rollout) -> list[str]:

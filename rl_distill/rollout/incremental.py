@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
-from rl_distill.rollout.skinny_head import skinny_decoder_layers, skinny_output_head
+from rl_distill.rollout.skinny_head import dense_head_input, skinny_decoder_layers, skinny_output_head
 
 
 @dataclass
@@ -78,6 +78,8 @@ class IncrementalScorer:
             the prefill's and each step's logits (float32 on CPU; False: the model's ``F.linear``).
         skinny_layers: the few-row product for the decoder layers' linear maps at 2-4 rows
             (:func:`~rl_distill.rollout.skinny_head.skinny_decoder_layers`; False: ``F.linear``).
+        dense_head_input: the prefill hands the output head a densely strided input
+            (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; False: the model's strided slice).
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class IncrementalScorer:
         pad_id: int = 0,
         skinny_head: bool = True,
         skinny_layers: bool = True,
+        dense_head_input: bool = True,
     ) -> None:
         self.model = model
+        self.dense_head_input = dense_head_input
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.skinny_head = skinny_head
@@ -120,7 +124,11 @@ class IncrementalScorer:
         """
         mask = prompts.attention_mask.long()
         positions = position_ids_from_mask(mask)
-        with _eval_mode(self.model), self._few_row_products(prompts.input_ids.numel()):
+        with (
+            _eval_mode(self.model),
+            dense_head_input(self.model, self.dense_head_input),  # the logits_to_keep=1 slice
+            self._few_row_products(prompts.input_ids.numel()),
+        ):
             out = self.model(
                 input_ids=prompts.input_ids,
                 attention_mask=mask,

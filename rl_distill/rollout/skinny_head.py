@@ -30,6 +30,18 @@ and with the head switched they were most of a decode step. :func:`skinny_decode
 every plain ``nn.Linear`` of the model other than the head, for 2 to :data:`SKINNY_LAYER_MAX_ROWS`
 rows only (at 6-8 rows neither product won consistently), under the same conditions (float32, CPU,
 no autocast, ordinary tensors), with the same scoping and the same float32-rounding caveat.
+
+The head's input when scoring: Hugging Face models keep the logits of the last ``k`` positions
+(``logits_to_keep``) by slicing the hidden states, ``h[:, -k:, :]``, which hands the head a view whose
+outer strides are those of the whole sequence. On CPU, ``F.linear`` with such an input falls off its
+fast path, many times slower in bfloat16 and measurably slower in float32 (the head-input table of
+``docs/results/performance.md``, section 3, measured by ``measure_head_input`` in
+``benchmarks/perf_round2.py``); the same holds for a one-position slice (``logits_to_keep=1``),
+even though PyTorch calls such a view contiguous. :func:`dense_head_input`
+makes the head's input densely strided for the duration of a block (a forward pre-hook that copies
+a strided input, a few kilobytes per row); the engine's scoring, training and prefill forwards run
+inside it. The product is the same computation on the same numbers (bit-identical where the two
+paths reach the same kernel; otherwise equal to rounding).
 """
 
 from __future__ import annotations
@@ -61,6 +73,7 @@ __all__ = [
     "SKINNY_LAYER_MAX_ROWS",
     "SKINNY_MAX_ROWS",
     "SKINNY_MIN_ROWS",
+    "dense_head_input",
     "skinny_decoder_layers",
     "skinny_linear",
     "skinny_output_head",
@@ -204,3 +217,60 @@ def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None 
     finally:
         for module in switched:
             del module.forward
+
+
+def _output_head(model: Any) -> nn.Module | None:
+    """``model``'s output head (``get_output_embeddings()``; through a DDP wrapper's ``module``), or None."""
+    for owner in (model, getattr(model, "module", None)):
+        getter = getattr(owner, "get_output_embeddings", None)
+        if callable(getter):
+            head = getter()
+            return head if isinstance(head, nn.Module) else None
+    return None
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a densely packed (row-major) tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _densify_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook of :func:`dense_head_input`: a strided first argument is copied densely packed."""
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    x = args[0]
+    if x.dim() < 2 or x.numel() == 0 or x.stride() == _dense_strides(x.shape):
+        return None
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+
+
+@contextmanager
+def dense_head_input(model: Any, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, ``model``'s output head receives densely strided input (see the module docstring).
+
+    A forward pre-hook on the head (any head module: plain, LoRA-wrapped, sharded; reached through
+    ``get_output_embeddings``, also under a DDP wrapper) copies an input whose strides are not the
+    densely packed ones, e.g. the ``h[:, -k:, :]`` slice of ``logits_to_keep``; the hook is removed
+    on exit (also on error). Differentiable (the copy is a ``clone``); nested blocks are harmless
+    (the inner hook sees a dense input).
+
+    Args:
+        model: a causal LM; anything without an output head (a custom sampler) is left alone.
+        enabled: False makes the block a no-op (the engine's ``dense_head_input=False``).
+
+    Yields:
+        Whether a hook was installed.
+    """
+    head = _output_head(model) if enabled else None
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(_densify_input)
+    try:
+        yield True
+    finally:
+        handle.remove()
