@@ -181,3 +181,20 @@ def test_scores_and_rollouts_do_not_change(student, teacher, tokenizer):
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert torch.equal(a.logprobs, b.logprobs) and torch.equal(a.teacher_logits, b.teacher_logits)
     assert torch.equal(on.score_student(a), off.score_student(a))
+
+
+def test_lora_models_and_lora_heads_get_a_dense_input():
+    """A PEFT model (``get_output_embeddings`` through the wrapper), with LoRA on the head itself."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_llama(64, hidden_size=16, num_layers=1, seed=5),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], lora_alpha=4, lora_dropout=0.0),
+    )
+    head = model.get_output_embeddings()
+    assert type(head) is not nn.Linear  # the LoRA layer wrapping the head
+    seen, handle = seen_strides(head)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    outs = [completion_forward(model, ids, mask, 4, 64, dense_head_input=on)[0] for on in (False, True)]
+    handle.remove()
+    assert seen == [False, True] and torch.equal(outs[0], outs[1])
