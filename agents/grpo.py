@@ -264,6 +264,7 @@ class GRPOAgent(Agent):
                     rollout.attention_mask,
                     rollout.completion_ids.shape[1],
                     self.engine.vocab_size,
+                    dense_head_input=self.engine.dense_head_input,
                 )
                 ref_logprobs = self.policy_logprobs(ref_logits, rollout.completion_ids)
         self.student.train(was_training)

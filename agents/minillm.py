@@ -71,6 +71,7 @@ from rl_distill.divergences import reverse_kl
 from rl_distill.objective import discounted_returns, last_token_index, objective_weights
 from rl_distill.rollout import Rollout, SamplingConfig
 from rl_distill.rollout.engine import filter_logits
+from rl_distill.rollout.skinny_head import dense_head_input
 from rl_distill.tasks import Example
 
 
@@ -136,6 +137,8 @@ class TeacherMixedPolicy:
         teacher_temperature: the teacher's temperature in ``pT``.
         top_k: the student's top-k filter (0 = off).
         top_p: the student's nucleus filter (1.0 = off).
+        dense_head_input: both models' prefills hand their output head a dense copy of the kept
+            position (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; the engine's switch).
     """
 
     def __init__(
@@ -149,12 +152,14 @@ class TeacherMixedPolicy:
         *,
         top_k: int = 0,
         top_p: float = 1.0,
+        dense_head_input: bool = True,
     ) -> None:
         if not 0.0 < mix <= 1.0:
             raise ValueError(f"mix must be in (0, 1], got {mix}")
         self.student, self.teacher, self.mix, self.vocab_size = student, teacher, mix, vocab_size
         self.temperature, self.teacher_temperature = temperature, teacher_temperature
         self.top_k, self.top_p = top_k, top_p
+        self.dense_head_input = dense_head_input
 
     @property
     def training(self) -> bool:
@@ -189,8 +194,10 @@ class TeacherMixedPolicy:
         """
         student_cache, teacher_cache = past_key_values if past_key_values is not None else (None, None)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        s = self.student(**inputs, past_key_values=student_cache, use_cache=True, logits_to_keep=1)
-        t = self.teacher(**inputs, past_key_values=teacher_cache, use_cache=True, logits_to_keep=1)
+        dense = self.dense_head_input
+        with dense_head_input(self.student, dense), dense_head_input(self.teacher, dense):
+            s = self.student(**inputs, past_key_values=student_cache, use_cache=True, logits_to_keep=1)
+            t = self.teacher(**inputs, past_key_values=teacher_cache, use_cache=True, logits_to_keep=1)
         v = self.vocab_size
         dtype = torch.promote_types(s.logits.dtype, torch.float32)
         student_logits = filter_logits(
@@ -336,6 +343,7 @@ class MiniLLMAgent(Agent):
             model = TeacherMixedPolicy(
                 self.student, self.engine.teacher, cfg.teacher_mix, self.engine.vocab_size,
                 cfg.temperature, cfg.teacher_temp, top_k=cfg.top_k, top_p=cfg.top_p,
+                dense_head_input=self.engine.dense_head_input,
             )  # fmt: skip
             sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature)
         rollout = self.engine.generate(prompts, sampling, model=model, generator=self.generator)

@@ -200,6 +200,7 @@ class SPINAgent(Agent):
             rollout.attention_mask,
             rollout.completion_ids.shape[1],
             self.engine.vocab_size,
+            dense_head_input=self.engine.dense_head_input,
         )
         return sequence_logprobs(logits, rollout.completion_ids, rollout.completion_mask)
 
@@ -217,8 +218,9 @@ class SPINAgent(Agent):
         r = self.engine.generate([ex.prompt for ex in examples], sampling, generator=generator)
         num = r.completion_ids.shape[1]
         args = (r.input_ids, r.attention_mask, num, self.engine.vocab_size)
-        model_logits, _ = completion_forward(self.student, *args)  # (B, T, V)
-        ref_logits, _ = completion_forward(self.reference, *args)  # (B, T, V)
+        dense = self.engine.dense_head_input
+        model_logits, _ = completion_forward(self.student, *args, dense_head_input=dense)  # (B, T, V)
+        ref_logits, _ = completion_forward(self.reference, *args, dense_head_input=dense)  # (B, T, V)
         self.student.train(was_training)
         # reverse_kl(teacher, student) = KL(student || teacher): here KL(model || ref) per position.
         per_token = reverse_kl(ref_logits, model_logits, r.completion_mask, reduction="token")  # (B, T)

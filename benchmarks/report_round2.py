@@ -620,7 +620,7 @@ def decode_block(results: Path = RESULTS) -> str:
 
 #: What each slice of :func:`benchmarks.perf_round2.measure_head_input` is, for the table.
 HEAD_INPUT_SLICES = {
-    "score": "scoring / gradient forward, `[:, -T:]`",
+    "score": "prompt + completion forward (the student's gradient forward; the teacher's, after its prefix cache, is narrower), `[:, -T:]`",
     "prefill": "prefill, `[:, -1:]`",
     "prefill_1row": "prefill of one prompt, `[:, -1:]`",
 }

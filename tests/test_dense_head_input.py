@@ -90,10 +90,9 @@ def test_logits_and_gradients_do_not_change(dtype):
         out[on] = (logits.detach(), hidden.detach(), [p.grad.clone() for p in model.parameters()])
     handle.remove()
     assert seen == [False, True]  # off: the model's strided slice; on: a dense copy
-    # The same product on the same numbers: bit-identical logits here, gradients to rounding.
+    # The same product on the same numbers: bit-identical logits, hidden states and gradients.
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
-    for a, b in zip(out[True][2], out[False][2]):
-        torch.testing.assert_close(a, b, rtol=1e-5 if dtype is torch.float32 else 1e-2, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(out[True][2], out[False][2]))
 
 
 def test_the_hook_lives_only_inside_the_block():
@@ -198,3 +197,62 @@ def test_lora_models_and_lora_heads_get_a_dense_input():
     outs = [completion_forward(model, ids, mask, 4, 64, dense_head_input=on)[0] for on in (False, True)]
     handle.remove()
     assert seen == [False, True] and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_minillm_mixed_policy_prefill_goes_through_it(on, student, teacher, tokenizer):
+    """MiniLLM's teacher-mixed sampler has no head of its own: it applies the switch to both models."""
+    from rl_distill.agents.minillm import TeacherMixedPolicy
+
+    engine = RolloutEngine(student, teacher, tokenizer, dense_head_input=on)
+    policy = TeacherMixedPolicy(student, teacher, 0.3, engine.vocab_size, 1.0, 1.0, dense_head_input=on)
+    s_seen, s_handle = seen_strides(student.get_output_embeddings())
+    t_seen, t_handle = seen_strides(teacher.get_output_embeddings())
+    engine.generate(
+        PROMPTS, SamplingConfig(max_new_tokens=3), model=policy, generator=torch.Generator().manual_seed(0)
+    )
+    s_handle.remove()
+    t_handle.remove()
+    assert s_seen[0] is on and t_seen[0] is on  # the prefills' strided slices
+    assert all(s_seen[1:]) and all(t_seen[1:])  # the decode steps' inputs are dense anyway
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_agents_own_forwards_follow_the_engine_switch(on, student, tokenizer, monkeypatch):
+    """SPIN's and GRPO's own ``completion_forward`` calls (policy, reference) pass the engine's switch."""
+    import rl_distill.agents.grpo
+    import rl_distill.agents.spin
+    from rl_distill.agents import GRPOAgent, GRPOConfig, SPINAgent, SPINConfig
+    from rl_distill.tasks import Example
+
+    seen = []
+    for module in (rl_distill.agents.spin, rl_distill.agents.grpo):
+        real = module.completion_forward
+
+        def spy(*args, real=real, **kwargs):
+            seen.append(kwargs.get("dense_head_input", "default"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "completion_forward", spy)
+    examples = [
+        Example("1+2=?", "1+2=3. #### 3", {"answer": 3}),
+        Example("9-9=?", "9-9=0. #### 0", {"answer": 0}),
+    ]
+    engine = RolloutEngine(student, None, tokenizer, dense_head_input=on)
+    spin = SPINAgent(
+        engine,
+        torch.optim.AdamW(student.parameters(), lr=1e-3),
+        SPINConfig(max_new_tokens=4),
+        generator=torch.Generator().manual_seed(0),
+    )
+    spin.update(examples)  # policy and reference log-probs of chosen and rejected sequences
+    spin.saturation_kl(examples)
+    grpo = GRPOAgent(
+        engine,
+        torch.optim.AdamW(student.parameters(), lr=1e-3),
+        GRPOConfig(samples_per_prompt=2, max_new_tokens=4, kl_coef=0.05),
+        reward=lambda prompts, completions, answer: [float(len(c) % 2) for c in completions],
+        generator=torch.Generator().manual_seed(0),
+    )
+    grpo.update(examples)  # the reference's forward
+    assert len(seen) >= 4 and all(flag is on for flag in seen)

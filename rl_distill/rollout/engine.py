@@ -589,7 +589,6 @@ class RolloutEngine:
         model.eval()
         try:
             with (
-                _dense_head(model, self.dense_head_input),  # the prefill's logits_to_keep=1 slice
                 skinny_output_head(model, self.skinny_head),
                 skinny_decoder_layers(model, self.skinny_layers, rows=len(batch)),  # B rows per token
             ):
@@ -631,13 +630,14 @@ class RolloutEngine:
         logps: list[Tensor] = []
         alive: list[Tensor] = []
         mine_done = False  # every sequence of this process has finished (lock-step: others may not have)
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with _dense_head(model, self.dense_head_input):  # the prefill's strided logits_to_keep=1 slice
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         next_pos = positions[:, -1:] + 1  # (B, 1)
         for step in range(sampling.max_new_tokens):
             if mine_done:  # lock-step padding: nothing sampled, the generator does not move

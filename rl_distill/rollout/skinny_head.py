@@ -33,11 +33,12 @@ no autocast, ordinary tensors), with the same scoping and the same float32-round
 
 The head's input when scoring: Hugging Face models keep the logits of the last ``k`` positions
 (``logits_to_keep``) by slicing the hidden states, ``h[:, -k:, :]``, which hands the head a view whose
-outer strides are those of the whole sequence. On CPU, ``F.linear`` with such an input falls off its
-fast path, many times slower in bfloat16 and measurably slower in float32 (the head-input table of
-``docs/results/performance.md``, section 3, measured by ``measure_head_input`` in
-``benchmarks/perf_round2.py``); the same holds for a one-position slice (``logits_to_keep=1``),
-even though PyTorch calls such a view contiguous. :func:`dense_head_input`
+outer strides are those of the whole sequence. On CPU, ``F.linear`` with such an input can fall off
+its fast path: in bfloat16 many times slower for every slice measured, including a one-position
+slice (``logits_to_keep=1``) that PyTorch calls contiguous; in float32 slower for the many-position
+scoring slice and not for one position (the head-input table of ``docs/results/performance.md``,
+section 3, measured by ``measure_head_input`` in ``benchmarks/perf_round2.py``). The hook is not
+limited to CPU (on other devices the copy is equally harmless). :func:`dense_head_input`
 makes the head's input densely strided for the duration of a block (a forward pre-hook that copies
 a strided input, a few kilobytes per row); the engine's scoring, training and prefill forwards run
 inside it. The product is the same computation on the same numbers (bit-identical where the two
