@@ -230,6 +230,18 @@ def _dynamic_decode(student: Any, batch: Any, steps: int) -> tuple[float, Tensor
     return time.perf_counter() - start, out.logits[:, -1]
 
 
+def _median_ms(fn: Any, repeats: int, calls: int) -> float:
+    """One warm-up call, then the median over ``repeats`` of the mean time of ``calls`` calls, in ms."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    return statistics.median(times)
+
+
 def measure_head(
     weight: Tensor, repeats: int = 5, rows: tuple[int, ...] = (1, 2, 4, 8, 16)
 ) -> dict[str, Any]:
@@ -241,14 +253,7 @@ def measure_head(
     import torch.nn.functional as F
 
     def timed(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(20):
-                fn()
-            times.append((time.perf_counter() - start) / 20 * 1e3)
-        return statistics.median(times)
+        return _median_ms(fn, repeats, calls=20)
 
     out: dict[str, Any] = {"shape": list(weight.shape), "repeats": repeats, "ms": {}}
     gen = torch.Generator().manual_seed(0)
@@ -326,14 +331,7 @@ def measure_head_input(
     import torch.nn.functional as F
 
     def timed(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(3):
-                fn()
-            times.append((time.perf_counter() - start) / 3 * 1e3)
-        return statistics.median(times)
+        return _median_ms(fn, repeats, calls=3)
 
     shapes = {
         "score": (batch_size, prompt_width + new_tokens - 1, new_tokens),
