@@ -47,6 +47,7 @@ from rl_distill.models import (
     tiny_llama,
 )
 from rl_distill.rollout import RolloutEngine, SamplingConfig
+from rl_distill.rollout.engine import sample_categorical
 from rl_distill.tasks import load_task
 
 
@@ -126,7 +127,9 @@ def env_round(
     student_s += time.perf_counter() - start
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
-        actions = torch.multinomial(state.next_logprobs.exp(), 1, generator=gen).squeeze(-1)  # (B,), T = 1
+        # The engine's own sampler (inverse CDF), as the floor's generate: torch.multinomial would draw
+        # B x V exponentials per token (about 10 ms at B = 8 on this CPU) and charge them to the env path.
+        actions = sample_categorical(state.next_logprobs.exp(), gen)  # (B,), T = 1
         t1 = time.perf_counter()
         obs, _, terminated, truncated, _ = env.step(actions.numpy())
         t2 = time.perf_counter()
