@@ -194,7 +194,7 @@ class TeacherMixedPolicy:
         """
         student_cache, teacher_cache = past_key_values if past_key_values is not None else (None, None)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        dense = self.dense_head_input
+        dense = self.dense_head_input and past_key_values is None  # only the prefill slices strided
         with dense_head_input(self.student, dense), dense_head_input(self.teacher, dense):
             s = self.student(**inputs, past_key_values=student_cache, use_cache=True, logits_to_keep=1)
             t = self.teacher(**inputs, past_key_values=teacher_cache, use_cache=True, logits_to_keep=1)

@@ -791,7 +791,7 @@ class RolloutEngine:
                     attention_mask,
                     num,
                     self.vocab_size,
-                    dense_head_input=self.dense_head_input,
+                    dense_head_input=False,  # the enclosing block already hooks the teacher's head
                 )
             scaled = logits.float() if teacher_temperature == 1.0 else logits.float() / teacher_temperature
             logp = torch.log_softmax(scaled, dim=-1)  # (B, T, V)
