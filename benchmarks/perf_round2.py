@@ -53,6 +53,7 @@ from torch import Tensor  # noqa: E402
 
 from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import TRL_METHODS, BenchSpec  # noqa: E402
+from rl_distill.rollout.packed import PACK_ROWS_HINT  # noqa: E402
 
 SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality", "env_bf16")
 DEFAULT_OUT = H.ROOT / "benchmarks" / "results" / "perf_round2.json"
@@ -82,6 +83,9 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     # the head-input lever alone: the output head reads the strided logits_to_keep slice (fp32 and bf16)
     "ours_strided_head": ("ours_strided_head", {}, "core"),
     "ours_bf16_strided_head": ("ours_strided_head", {"precision": "bf16"}, "core"),
+    # the packed-weights lever alone: no oneDNN-packed weights when decoding (fp32 and bf16)
+    "ours_unpacked": ("ours_unpacked", {}, "core"),
+    "ours_bf16_unpacked": ("ours_unpacked", {"precision": "bf16"}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -109,6 +113,8 @@ PAIRS: dict[str, tuple[str, str]] = {
     "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
     "head-input lever: dense vs strided head input": ("ours", "ours_strided_head"),
     "head-input lever, bf16: dense vs strided head input": ("ours_bf16", "ours_bf16_strided_head"),
+    "packed-weights lever: packed vs unpacked decode": ("ours", "ours_unpacked"),
+    "packed-weights lever, bf16: packed vs unpacked decode": ("ours_bf16", "ours_bf16_unpacked"),
 }
 
 
@@ -245,12 +251,14 @@ def _median_ms(fn: Any, repeats: int, calls: int) -> float:
 def measure_head(
     weight: Tensor, repeats: int = 5, rows: tuple[int, ...] = (1, 2, 4, 8, 16)
 ) -> dict[str, Any]:
-    """The output head alone: ``F.linear(h, W)`` against the few-row product ``(W @ h.T).T``.
+    """The output head alone: ``F.linear(h, W)``, the few-row product ``(W @ h.T).T``, the packed product.
 
     For each row count and dtype (float32; bfloat16 weights and inputs), the median over ``repeats``
     of the mean of 20 calls, in ms. What :data:`rl_distill.rollout.skinny_head.SKINNY_MAX_ROWS` rests on.
     """
     import torch.nn.functional as F
+
+    from rl_distill.rollout.packed import packing_available
 
     def timed(fn: Any) -> float:
         return _median_ms(fn, repeats, calls=20)
@@ -264,14 +272,21 @@ def measure_head(
             out["ms"][f"{dtype}_{n}"] = {
                 "linear": timed(lambda h=h, w=w: F.linear(h, w)),
                 "transposed": timed(lambda h=h, w=w: torch.mm(w, h.t()).t().contiguous()),
+                **({"packed": timed(_packed_product(h, w))} if packing_available(w.dtype) else {}),
             }
     return out
+
+
+def _packed_product(h: Tensor, weight: Tensor) -> Any:
+    """``h @ weight.T`` with ``weight`` packed once by oneDNN (what :mod:`rl_distill.rollout.packed` runs)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+    return lambda: torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
 
 
 def measure_layer_products(
     model: Any, repeats: int = 5, rows: tuple[int, ...] = (1, 2, 4, 6, 8, 16)
 ) -> dict[str, Any]:
-    """The decoder layers' linear maps alone (float32): ``F.linear`` against ``(W @ h.T).T``.
+    """The decoder layers' linear maps alone (float32): ``F.linear``, ``(W @ h.T).T``, the packed product.
 
     For each projection name (``q_proj``, ..., ``down_proj``) one call is a product with that
     projection's weight in *every* layer in turn (so the weights stream from memory as in a decode
@@ -281,6 +296,7 @@ def measure_layer_products(
     import torch.nn.functional as F
 
     from rl_distill.rollout import skinny_head as sh
+    from rl_distill.rollout.packed import packing_available
 
     head = model.get_output_embeddings()
     by_name: dict[str, list[Tensor]] = {}
@@ -305,12 +321,24 @@ def measure_layer_products(
     for name, weights in by_name.items():
         out["layers"] = len(weights)
         cells: dict[str, Any] = {"shape": list(weights[0].shape)}
+        packed = (
+            {id(w): torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in weights}
+            if packing_available(torch.float32)
+            else {}
+        )
         for n in rows:
             h = torch.randn(n, weights[0].shape[1], generator=gen)
             cells[str(n)] = {
                 "linear": timed(lambda w, h=h: F.linear(h, w), weights),
                 "transposed": timed(lambda w, h=h: torch.mm(w, h.t()).t().contiguous(), weights),
             }
+            if packed:
+                cells[str(n)]["packed"] = timed(
+                    lambda w, h=h, packed=packed: torch.ops.mkldnn._linear_pointwise(
+                        h, packed[id(w)], None, "none", [], ""
+                    ),
+                    weights,
+                )
         out["ms"][name] = cells
     return out
 
@@ -358,7 +386,8 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     ``generate`` per token = (generate - prefill) / (T - 1): the 31 one-token forwards plus the
     engine's sampling and bookkeeping; ``generate_linear_head`` the same with the engine's few-row
     output head off (``skinny_head=False``), ``generate_linear_layers`` with the decoder layers'
-    few-row products off (``skinny_layers=False``). ``head``: :func:`measure_head` on the student's
+    few-row products off (``skinny_layers=False``), ``generate_unpacked`` without the packed weights
+    (``packed_weights=False``). ``head``: :func:`measure_head` on the student's
     head; ``layers``: :func:`measure_layer_products` on its decoder layers; ``head_input``:
     :func:`measure_head_input` on its head. The greedy loops time the one-token forwards alone, with the
     dynamic cache (the engine's) and a static one (``transformers.StaticCache``); their last logits
@@ -403,10 +432,12 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     )
     linear_engine = RolloutEngine(student, teacher, tokenizer, skinny_head=False)
     linear_layers_engine = RolloutEngine(student, teacher, tokenizer, skinny_layers=False)
+    unpacked_engine = RolloutEngine(student, teacher, tokenizer, packed_weights=False)
     gen = torch.Generator().manual_seed(spec.seed)
     for precision in ("fp32", "bf16"):
         rows: dict[str, list[float]] = {
-            "generate": [], "generate_linear_head": [], "generate_linear_layers": [], "prefill": [],
+            "generate": [], "generate_linear_head": [], "generate_linear_layers": [], "generate_unpacked": [],
+            "prefill": [],
             "dynamic": [], "static": [],
         }  # fmt: skip
         with torch.no_grad(), autocast(precision, spec.device):
@@ -420,6 +451,9 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 start = time.perf_counter()
                 rollout_lay = linear_layers_engine.generate(batch, sampling, generator=gen)
                 t_lay = time.perf_counter() - start
+                start = time.perf_counter()
+                rollout_unp = unpacked_engine.generate(batch, sampling, generator=gen)
+                t_unp = time.perf_counter() - start
                 start = time.perf_counter()
                 student(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -442,6 +476,8 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 rows["generate_linear_head"].append((t_lin - t_pre) / max(1, width_lin - 1) * 1e3)
                 width_lay = rollout_lay.completion_ids.shape[1]
                 rows["generate_linear_layers"].append((t_lay - t_pre) / max(1, width_lay - 1) * 1e3)
+                width_unp = rollout_unp.completion_ids.shape[1]
+                rows["generate_unpacked"].append((t_unp - t_pre) / max(1, width_unp - 1) * 1e3)
                 rows["prefill"].append(t_pre * 1e3)
                 rows["dynamic"].append(t_dyn / steps * 1e3)
                 if static_error is None:

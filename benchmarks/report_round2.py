@@ -539,6 +539,7 @@ def decode_block(results: Path = RESULTS) -> str:
                 "generate_linear_layers",
                 "engine `generate`, `F.linear` decoder layers (`skinny_layers=False`)",
             ),
+            ("generate_unpacked", "engine `generate`, no packed weights (`packed_weights=False`)"),
         )
         if key in dec["fp32"]["median_ms_per_token"]
     ]
@@ -578,7 +579,13 @@ def decode_block(results: Path = RESULTS) -> str:
             "",
             f"The output head alone ({head['shape'][0]} x {head['shape'][1]}, ms per product, median of "
             f"{head['repeats']}): `F.linear(h, W)` (every Hugging Face `lm_head`) against the few-row product "
-            "`(W @ h.T).T` (`rl_distill/rollout/skinny_head.py`).",
+            "`(W @ h.T).T` (`rl_distill/rollout/skinny_head.py`)"
+            + (
+                " and the oneDNN-packed product (`rl_distill/rollout/packed.py`): linear vs transposed vs packed "
+                "(F.linear over the best of the other two)."
+                if any("packed" in c for c in head["ms"].values())
+                else "."
+            ),
             "",
             "| dtype | " + " | ".join(f"{n} row{'s' if n > 1 else ''}" for n in counts) + " |",
             "|---|" + "---|" * len(counts),
@@ -586,10 +593,7 @@ def decode_block(results: Path = RESULTS) -> str:
         for dtype in ("float32", "bfloat16"):
             cells = []
             for n in counts:
-                c = head["ms"][f"{dtype}_{n}"]
-                cells.append(
-                    f"{c['linear']:.1f} vs {c['transposed']:.1f} ({c['linear'] / c['transposed']:.2f}x)"
-                )
+                cells.append(_product_cell(head["ms"][f"{dtype}_{n}"], ".1f"))
             lines.append(f"| {dtype} | " + " | ".join(cells) + " |")
     layers = dec.get("layers")
     if layers:
@@ -598,7 +602,12 @@ def decode_block(results: Path = RESULTS) -> str:
             "",
             f"The decoder layers' linear maps alone (float32, ms per product; one timed call is a product with "
             f"that projection in each of the {layers['layers']} layers in turn, so the weights stream from memory "
-            f"as in a decode step; median of {layers['repeats']}): `F.linear` against `(W @ h.T).T`.",
+            f"as in a decode step; median of {layers['repeats']}): `F.linear` against `(W @ h.T).T`"
+            + (
+                " and the packed product."
+                if any("packed" in c.get("1", {}) for c in layers["ms"].values())
+                else "."
+            ),
             "",
             "| projection (out x in) | "
             + " | ".join(f"{n} row{'s' if n > 1 else ''}" for n in counts)
@@ -606,16 +615,22 @@ def decode_block(results: Path = RESULTS) -> str:
             "|---|" + "---|" * len(counts),
         ]
         for name, cells in layers["ms"].items():
-            row = [
-                f"{cells[str(n)]['linear']:.3f} vs {cells[str(n)]['transposed']:.3f} "
-                f"({cells[str(n)]['linear'] / cells[str(n)]['transposed']:.2f}x)"
-                for n in counts
-            ]
+            row = [_product_cell(cells[str(n)], ".3f") for n in counts]
             lines.append(
                 f"| `{name}` ({cells['shape'][0]} x {cells['shape'][1]}) | " + " | ".join(row) + " |"
             )
     lines += _head_input_table(dec.get("head_input"))
     return "\n".join(lines)
+
+
+def _product_cell(c: dict[str, float], fmt: str) -> str:
+    """``linear vs transposed (ratio)``, or with a packed column ``linear vs transposed vs packed (ratio to the best)``."""
+    if "packed" not in c:
+        return f"{c['linear']:{fmt}} vs {c['transposed']:{fmt}} ({c['linear'] / c['transposed']:.2f}x)"
+    best = min(c["transposed"], c["packed"])
+    return (
+        f"{c['linear']:{fmt}} vs {c['transposed']:{fmt}} vs {c['packed']:{fmt}} ({c['linear'] / best:.2f}x)"
+    )
 
 
 #: What each slice of :func:`benchmarks.perf_round2.measure_head_input` is, for the table.
@@ -864,7 +879,47 @@ def levers_block(results: Path = RESULTS) -> str:
             + "; ".join(head_lines)
             + ". Kept (shipped, `RolloutEngine(dense_head_input=True)`; config `train.dense_head_input`)."
         )
+    out += _packed_lever(data, dec)
     return "\n".join(out)
+
+
+def _packed_lever(data: dict[str, Any], dec: dict[str, Any] | None) -> list[str]:
+    """Item 7: the oneDNN-packed weights (decode section's ``generate_unpacked``, the ``*_unpacked`` steps)."""
+    parts = []
+    for label, on_name, off_name in (
+        ("fp32", "ours", "ours_unpacked"),
+        ("bf16", "ours_bf16", "ours_bf16_unpacked"),
+    ):
+        on, off, pair = (
+            config_summary(data, on_name),
+            config_summary(data, off_name),
+            pair_ratios(data, on_name, off_name),
+        )
+        if on and off and pair:
+            parts.append(
+                f"{label}: step {on['median_step_seconds']:.3f} s with them vs {off['median_step_seconds']:.3f} s "
+                f"without (`{off_name}`), throughput ratio per repeat {_spread(pair)}; generate phase "
+                f"{on['phases']['generate']:.3f} vs {off['phases']['generate']:.3f} s; peak RSS "
+                f"{on['peak_rss_mib']:.0f} vs {off['peak_rss_mib']:.0f} MiB"
+            )
+    decode = []
+    for precision in ("fp32", "bf16"):
+        m = (dec or {}).get(precision, {}).get("median_ms_per_token", {})
+        if "generate_unpacked" in m:
+            decode.append(
+                f"{precision}{' autocast' if precision == 'bf16' else ''} decode {m['generate']:.1f} vs "
+                f"{m['generate_unpacked']:.1f} ms/token without"
+            )
+    if not parts and not decode:
+        return []
+    return [
+        "7. **Packed weights** (`rl_distill/rollout/packed.py`: oneDNN reorders each weight once into its blocked "
+        "layout and the decode steps' 1-16-row products read that copy; a trainable student is packed per "
+        "`generate` call and released after it, a frozen teacher once; under bf16 autocast the packed copy is "
+        "bf16, so no weight is cast per token): "
+        + "; ".join(decode + parts)
+        + ". Kept (shipped, `RolloutEngine(packed_weights=True)`; config `train.packed_weights`)."
+    ]
 
 
 BLOCKS["r2_levers"] = levers_block

@@ -257,6 +257,10 @@ class TrainConfig:
     """Hand the output head a densely strided copy of the hidden states it keeps when scoring, training and
     prefilling (``rl_distill/rollout/skinny_head.py``: on CPU ``F.linear`` on Hugging Face's ``logits_to_keep``
     slice is many times slower, above all in bfloat16). False: the model's own strided slice."""
+    packed_weights: bool = True
+    """Decode (and score incrementally) with oneDNN-packed weights on CPU (``rl_distill/rollout/packed.py``:
+    1-16 rows, float32 and bf16, equal to ``F.linear`` to rounding; the student is packed per sampling call,
+    a frozen teacher once, costing its weight bytes again). False: the few-row products or ``F.linear``."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
@@ -270,6 +274,7 @@ class TrainConfig:
             "teacher_prefix_cache": self.teacher_prefix_cache,
             "sparse_embedding_grad": self.sparse_embedding_grad,
             "dense_head_input": self.dense_head_input,
+            "packed_weights": self.packed_weights,
         }
 
     def __post_init__(self) -> None:

@@ -96,6 +96,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.teacher_prefix_cache",
         "train.sparse_embedding_grad",
         "train.dense_head_input",
+        "train.packed_weights",
         "train.eval_batch_size",
         "train.eval_seed",
         "model.device",

@@ -113,3 +113,29 @@ def test_bad_arguments():
         PrefixKVCache(min_tokens=0)
     with pytest.raises(ValueError, match="max_entries"):
         PrefixKVCache(max_entries=0)
+
+
+def test_incremental_prefill_reuses_the_prefix_and_scores_the_same(student, teacher, tokenizer):
+    """The environment's scorer: prefill after the cached prefix, steps and row restarts as without it."""
+    on, off = pair(student, teacher, tokenizer)
+    rollout = off.rollout(PROMPTS, SAMPLING, generator=torch.Generator().manual_seed(0))
+    scorers = [on.incremental_scorer(), off.incremental_scorer()]
+    assert scorers[0].prefix_cache is on.prefix_cache and scorers[1].prefix_cache is None
+    assert on.incremental_scorer(student).prefix_cache is None  # a trainable model: never cached
+    states = [s.start(e.encode(PROMPTS)) for s, e in zip(scorers, (on, off))]
+    # The cached state holds the shared prefix once per row, then each row's rest (right-aligned).
+    assert states[0].cache_length < states[1].cache_length + len(SYSTEM)
+    torch.testing.assert_close(states[0].next_logprobs, states[1].next_logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(states[0].next_positions, states[1].next_positions)
+    for t in range(rollout.completion_ids.shape[1]):
+        tok, act = rollout.completion_ids[:, t], rollout.completion_mask[:, t]
+        got, want = (s.step(st, tok, active=act) for s, st in zip(scorers, states))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        if t <= 3:  # before the restart: the bulk scores of the same tokens
+            torch.testing.assert_close(rollout.teacher_logprobs[:, t], want, rtol=0, atol=1e-5)
+        if t == 3:  # two rows restart on new prompts mid-episode (a vector env's autoreset)
+            fresh = [SYSTEM + "9-4=", SYSTEM + "a much longer fresh prompt than any before it"]
+            for s, st, e in zip(scorers, states, (on, off)):
+                s.restart(st, [2, 0], e.encode(fresh))
+            torch.testing.assert_close(states[0].next_logprobs, states[1].next_logprobs, rtol=0, atol=1e-5)
+    assert on.prefix_cache.misses == 1 and on.prefix_cache.hits == 1  # the start computed, the restart reused

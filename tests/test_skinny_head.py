@@ -139,8 +139,12 @@ def test_engine_generate_uses_each_product_and_samples_the_same(
     monkeypatch, tall_student, tall_teacher, tokenizer, lever, on
 ):
     calls = _count_calls(monkeypatch)
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, **{lever: on})  # the other one stays on
-    plain = RolloutEngine(tall_student, tall_teacher, tokenizer, skinny_head=False, skinny_layers=False)
+    engine = RolloutEngine(
+        tall_student, tall_teacher, tokenizer, packed_weights=False, **{lever: on}
+    )  # the other one stays on
+    plain = RolloutEngine(
+        tall_student, tall_teacher, tokenizer, skinny_head=False, skinny_layers=False, packed_weights=False
+    )
     sampling = SamplingConfig(max_new_tokens=8)
     got = engine.generate(PROMPTS, sampling, generator=torch.Generator().manual_seed(0))
     # The head: the prefill's last position and every later one-token forward (4 rows each). The
@@ -163,7 +167,7 @@ def test_engine_generate_uses_each_product_and_samples_the_same(
 def test_incremental_scorer_uses_it_and_matches_the_teacher_forward(
     monkeypatch, tall_student, tall_teacher, tokenizer
 ):
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, packed_weights=False)
     rollout = engine.rollout(
         PROMPTS, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(1)
     )
@@ -275,9 +279,11 @@ def test_incremental_scorer_switches_the_layer_products_by_flag():
     from rl_distill.models import char_tokenizer
 
     model = tiny_llama(TALL_VOCAB, hidden_size=32, num_layers=1, seed=0)
-    on = RolloutEngine(model, model, char_tokenizer()).incremental_scorer()
+    on = RolloutEngine(model, model, char_tokenizer(), packed_weights=False).incremental_scorer()
     assert on.skinny_layers
-    off = RolloutEngine(model, model, char_tokenizer(), skinny_layers=False).incremental_scorer()
+    off = RolloutEngine(
+        model, model, char_tokenizer(), skinny_layers=False, packed_weights=False
+    ).incremental_scorer()
     assert not off.skinny_layers
 
 
@@ -287,15 +293,15 @@ def test_no_layer_switch_outside_the_row_regime(monkeypatch, tall_student, tall_
     real = sh.skinny_decoder_layers
 
     @contextlib.contextmanager
-    def spy(model, enabled=True, *, rows=None):
-        with real(model, enabled, rows=rows) as n:
+    def spy(model, enabled=True, *, rows=None, packed=None):
+        with real(model, enabled, rows=rows, packed=packed) as n:
             switched.append((rows, n))
             yield n
 
     monkeypatch.setattr("rl_distill.rollout.incremental.skinny_decoder_layers", spy)
     monkeypatch.setattr("rl_distill.rollout.engine.skinny_decoder_layers", spy)
     prompts = [*PROMPTS, "five"]  # 5 rows > SKINNY_LAYER_MAX_ROWS
-    engine = RolloutEngine(tall_student, tall_teacher, tokenizer)
+    engine = RolloutEngine(tall_student, tall_teacher, tokenizer, packed_weights=False)
     rollout = engine.generate(
         prompts, SamplingConfig(max_new_tokens=3), generator=torch.Generator().manual_seed(0)
     )

@@ -58,6 +58,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
 from rl_distill.rollout.incremental import IncrementalScorer
+from rl_distill.rollout.packed import PackedWeights
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
 from rl_distill.rollout.skinny_head import dense_head_input as _dense_head
@@ -430,6 +431,11 @@ class RolloutEngine:
             strided input (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; on CPU
             ``F.linear`` on Hugging Face's ``logits_to_keep`` slice is many times slower, above all
             in bfloat16). False: the model's own strided slice.
+        packed_weights: decode (and score incrementally) with oneDNN-packed weights on CPU
+            (:mod:`rl_distill.rollout.packed`: 1-16 rows, float32 and bfloat16, equal to ``F.linear``
+            to rounding). A trainable model is packed for one :meth:`generate` call and released after
+            it; a frozen one (the teacher) keeps its packed copy (the weights' bytes again) while the
+            engine lives. False: the few-row products above, or ``F.linear``.
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -449,9 +455,13 @@ class RolloutEngine:
         teacher_prefix_cache: bool = True,
         sparse_embedding_grad: bool = True,
         dense_head_input: bool = True,
+        packed_weights: bool = True,
     ) -> None:
         self.student = student
         self.dense_head_input = dense_head_input
+        self.packed_weights = packed_weights
+        #: The packed weights of the decoding forwards (None: ``packed_weights=False``).
+        self.packed: PackedWeights | None = PackedWeights() if packed_weights else None
         self.skinny_head = skinny_head
         self.skinny_layers = skinny_layers
         self.sparse_embedding_grad = sparse_embedding_grad
@@ -589,13 +599,15 @@ class RolloutEngine:
         model.eval()
         try:
             with (
-                skinny_output_head(model, self.skinny_head),
-                skinny_decoder_layers(model, self.skinny_layers, rows=len(batch)),  # B rows per token
+                skinny_output_head(model, self.skinny_head, packed=self.packed),
+                skinny_decoder_layers(model, self.skinny_layers, rows=len(batch), packed=self.packed),
             ):
                 tokens, logps, alive = self._decode(model, batch, sampling, generator)
         finally:
             if was_training:
                 model.train()
+            if self.packed is not None and isinstance(model, torch.nn.Module) and _trainable(model):
+                self.packed.release(model)  # its weights change at the next update: do not hold them
         # Lock-step padding steps come after this process's last real token: cut them off, so the
         # rollout is the one this process would have sampled alone.
         width = (
@@ -896,6 +908,10 @@ class RolloutEngine:
             skinny_head=self.skinny_head,
             skinny_layers=self.skinny_layers,
             dense_head_input=self.dense_head_input,
+            packed_weights=self.packed_weights,
+            # The teacher's shared-prompt-prefix cache serves the prefills too (a trainable model's
+            # entries would go stale at every update: none for it).
+            prefix_cache=self.prefix_cache if model is None and self.lockstep is None else None,
         )
 
     def decode(self, rollout: Rollout) -> list[str]:
@@ -906,6 +922,11 @@ class RolloutEngine:
                 self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=True)
             )
         return texts
+
+
+def _trainable(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` requires a gradient (its weights change between calls)."""
+    return any(p.requires_grad for p in model.parameters())
 
 
 def _context_length(model: PreTrainedModel) -> int | None:

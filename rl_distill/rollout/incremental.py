@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rl_distill.rollout.packed import PackedWeights
+from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
 from rl_distill.rollout.skinny_head import dense_head_input, skinny_decoder_layers, skinny_output_head
 
@@ -80,6 +82,15 @@ class IncrementalScorer:
             (:func:`~rl_distill.rollout.skinny_head.skinny_decoder_layers`; False: ``F.linear``).
         dense_head_input: the prefill hands the output head a densely strided input
             (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; False: the model's strided slice).
+        packed_weights: each step's products with oneDNN-packed weights on CPU
+            (:mod:`rl_distill.rollout.packed`; equal to ``F.linear`` to rounding). The scorer keeps the
+            packed copies (the weights' bytes again) while it lives and remakes one when its weight
+            changes; :meth:`release_packed` drops them. False: the few-row products above.
+        prefix_cache: the prefill runs the prompts after the keys and values of the prefix every
+            row shares, cached (:class:`~rl_distill.rollout.prefix_cache.PrefixKVCache`: a chat
+            template's system turn is computed once, not per episode; equal to float32 rounding). Give
+            it for a frozen model (the engine's teacher cache: entries are keyed by the model and its
+            weight versions). None: every prefill runs the whole prompts.
     """
 
     def __init__(
@@ -91,8 +102,13 @@ class IncrementalScorer:
         skinny_head: bool = True,
         skinny_layers: bool = True,
         dense_head_input: bool = True,
+        packed_weights: bool = True,
+        prefix_cache: PrefixKVCache | None = None,
     ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
+        #: The packed weights of the steps (None: ``packed_weights=False``).
+        self.packed: PackedWeights | None = PackedWeights() if packed_weights else None
         self.dense_head_input = dense_head_input
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -106,10 +122,15 @@ class IncrementalScorer:
         ``rows``: this forward's rows (the layers are switched only in their regime).
         """
         with (
-            skinny_output_head(self.model, self.skinny_head),
-            skinny_decoder_layers(self.model, self.skinny_layers, rows=rows),
+            skinny_output_head(self.model, self.skinny_head, packed=self.packed),
+            skinny_decoder_layers(self.model, self.skinny_layers, rows=rows, packed=self.packed),
         ):
             yield
+
+    def release_packed(self) -> None:
+        """Drop the packed weight copies (remade on the next step); also after changing weights via ``.data``."""
+        if self.packed is not None:
+            self.packed.clear()
 
     def _logprobs(self, logits: Tensor) -> Tensor:
         """``(B, V_model)`` last-position logits -> ``(B, V)`` float32 log-probs."""
@@ -123,19 +144,26 @@ class IncrementalScorer:
             prompts: ``B`` left-padded prompts (``RolloutEngine.encode``).
         """
         mask = prompts.attention_mask.long()
-        positions = position_ids_from_mask(mask)
         with (
             _eval_mode(self.model),
             dense_head_input(self.model, self.dense_head_input),  # the logits_to_keep=1 slice
             self._few_row_products(prompts.input_ids.numel()),
         ):
-            out = self.model(
-                input_ids=prompts.input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
+            reused = (
+                None
+                if self.prefix_cache is None
+                else self.prefix_cache.prompt_forward(self.model, prompts.input_ids, mask)
             )
+            if reused is not None:
+                out, mask = reused  # mask: the shared prefix's columns, then each row's rest
+            else:
+                out = self.model(
+                    input_ids=prompts.input_ids,
+                    attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         return IncrementalState(
             past_key_values=out.past_key_values,
             attention_mask=mask,

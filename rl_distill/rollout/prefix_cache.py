@@ -142,55 +142,103 @@ class PrefixKVCache:
         The same contract as :func:`rl_distill.rollout.engine.completion_logits` (call it under
         ``torch.inference_mode``); None means: run the plain forward instead.
         """
-        if self.disabled_reason is not None:
-            return None
-        from transformers import DynamicCache
-
-        prompt_width = input_ids.shape[1] - num_completion
-        prefix = self.shared_prefix(input_ids, attention_mask, prompt_width)
-        if len(prefix) < self.min_tokens:
-            return None
-        key = self._key(model)
-        found = self._lookup(key, prefix)
+        found = self._prefix_kv(model, input_ids, attention_mask, input_ids.shape[1] - num_completion)
         if found is None:
-            kv = self._compute(model, key, prefix)
-            if kv is None:
-                return None
-            length = len(prefix)
-            self.misses += 1
-        else:
-            length, kv = found
-            self.hits += 1
-        # Each row: its prompt after the shared prefix, then its completion; left-padded to one width.
-        bsz = input_ids.shape[0]
-        mask = attention_mask.bool()
-        first = (~mask[:, :prompt_width]).long().cumprod(-1).sum(-1)  # (B,)
-        rest = prompt_width - first - length  # (B,) >= 1 prompt tokens after the prefix
-        width = int(rest.max()) + num_completion
-        # Source column of each target column: target j of row i reads column first_i + length + j - pad_i.
-        pad = int(rest.max()) - rest  # (B,) left padding of each row
-        j = torch.arange(width, device=input_ids.device)[None]  # (1, width)
-        src = (first + length - pad)[:, None] + j  # (B, width)
-        real = j >= pad[:, None]
-        src = src.clamp(0, input_ids.shape[1] - 1)
-        ids = torch.where(real, input_ids.gather(1, src), input_ids.new_zeros(()))
-        row_mask = torch.where(real, attention_mask.gather(1, src), attention_mask.new_zeros(()))
+            return None
+        length, kv = found
+        ids, row_mask = _after_prefix(input_ids, attention_mask, num_completion, length)
         ids, row_mask = ids[:, :-1], row_mask[:, :-1]  # the last token is not fed (as the plain forward)
-        full_mask = torch.cat([row_mask.new_ones(bsz, length), row_mask], dim=1)
-        positions = position_ids_from_mask(full_mask)[:, length:]
-        cache = DynamicCache(
-            ddp_cache_data=[
-                (k[:, :, :length].expand(bsz, -1, -1, -1), v[:, :, :length].expand(bsz, -1, -1, -1))
-                for k, v in kv
-            ]
-        )
+        full_mask = torch.cat([row_mask.new_ones(len(ids), length), row_mask], dim=1)
         out = model(
             input_ids=ids,
             attention_mask=full_mask,
-            position_ids=positions,
-            past_key_values=cache,
+            position_ids=position_ids_from_mask(full_mask)[:, length:],
+            past_key_values=_expanded_cache(kv, length, len(ids)),
             use_cache=True,
             logits_to_keep=num_completion,
         )
         logits = out.logits
         return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
+
+    def prompt_forward(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Any, Tensor] | None:
+        """The prefill of left-padded prompts (``use_cache=True``, ``logits_to_keep=1``) after the cached prefix.
+
+        What :meth:`rl_distill.rollout.IncrementalScorer.start` runs: each row's prompt after the shared
+        prefix, against the prefix's keys and values. The output's KV cache covers the prefix and the
+        rows (``L + W'`` columns, fresh tensors, one per row); the returned mask is its attention mask
+        (a shorter row's padding sits between the prefix and its tokens; position ids follow the mask).
+
+        Returns:
+            ``(model output, (B, L + W') attention mask)``, or None: run the plain prefill instead.
+        """
+        found = self._prefix_kv(model, input_ids, attention_mask, input_ids.shape[1])
+        if found is None:
+            return None
+        length, kv = found
+        ids, row_mask = _after_prefix(input_ids, attention_mask, 0, length)
+        full_mask = torch.cat([row_mask.new_ones(len(ids), length), row_mask], dim=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=full_mask,
+            position_ids=position_ids_from_mask(full_mask)[:, length:],
+            past_key_values=_expanded_cache(kv, length, len(ids)),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out, full_mask
+
+    def _prefix_kv(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_width: int
+    ) -> tuple[int, list[tuple[Tensor, Tensor]]] | None:
+        """The cached (or newly computed) prefix of these rows: ``(length L, per-layer keys/values)``, or None."""
+        if self.disabled_reason is not None:
+            return None
+        prefix = self.shared_prefix(input_ids, attention_mask, prompt_width)
+        if len(prefix) < self.min_tokens:
+            return None
+        key = self._key(model)
+        found = self._lookup(key, prefix)
+        if found is not None:
+            self.hits += 1
+            return found
+        kv = self._compute(model, key, prefix)
+        if kv is None:
+            return None
+        self.misses += 1
+        return len(prefix), kv
+
+
+def _after_prefix(
+    input_ids: Tensor, attention_mask: Tensor, num_completion: int, length: int
+) -> tuple[Tensor, Tensor]:
+    """Each row's prompt after the ``length`` shared tokens, then its completion, left-padded to one width.
+
+    Returns:
+        ``(ids, mask)``, ``(B, max rest + num_completion)``; padding is id 0, mask 0.
+    """
+    prompt_width = input_ids.shape[1] - num_completion
+    first = (~attention_mask[:, :prompt_width].bool()).long().cumprod(-1).sum(-1)  # (B,) leading padding
+    rest = prompt_width - first - length  # (B,) >= 1 prompt tokens after the prefix
+    width = int(rest.max()) + num_completion
+    # Source column of each target column: target j of row i reads column first_i + length + j - pad_i.
+    pad = int(rest.max()) - rest  # (B,) left padding of each row
+    j = torch.arange(width, device=input_ids.device)[None]  # (1, width)
+    src = ((first + length - pad)[:, None] + j).clamp(0, input_ids.shape[1] - 1)  # (B, width)
+    real = j >= pad[:, None]
+    ids = torch.where(real, input_ids.gather(1, src), input_ids.new_zeros(()))
+    mask = torch.where(real, attention_mask.gather(1, src), attention_mask.new_zeros(()))
+    return ids, mask
+
+
+def _expanded_cache(kv: list[tuple[Tensor, Tensor]], length: int, rows: int) -> Any:
+    """A ``DynamicCache`` holding the first ``length`` cached columns, broadcast to ``rows`` rows (views)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(
+        ddp_cache_data=[
+            (k[:, :, :length].expand(rows, -1, -1, -1), v[:, :, :length].expand(rows, -1, -1, -1))
+            for k, v in kv
+        ]
+    )

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rl_distill.rollout.packed import PACKED_MAX_ROWS, PackedWeights
+
 #: Largest number of rows computed as ``(W @ h.T).T`` by the output head: the few-row regime of
 #: decoding where the benchmark measured it clearly faster (``benchmarks/results/perf_round2.json``,
 #: ``decode.head``).
@@ -139,18 +141,44 @@ def supports_skinny_head(model: Any) -> bool:
     return _plain_linear(getter() if callable(getter) else None)
 
 
+def _few_row_forward(
+    layer: nn.Linear,
+    input: Tensor,  # noqa: A002 - nn.Linear.forward's name
+    *,
+    head: bool,
+    transposed: bool,
+    packed: PackedWeights | None,
+) -> Tensor:
+    """A switched linear map's forward: packed product, else transposed (if ``transposed``), else ``F.linear``.
+
+    The packed product (:mod:`rl_distill.rollout.packed`) where it applies; else :func:`skinny_linear`
+    in its regime.
+    """
+    if packed is not None and packed.applies(input, layer.weight, head=head):
+        return packed.linear(layer, input)
+    if transposed:
+        return skinny_linear(input, layer.weight, layer.bias, head=head)
+    return F.linear(input, layer.weight, layer.bias)
+
+
 @contextmanager
-def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
-    """Within the block, ``model``'s output head computes its logits with :func:`skinny_linear`.
+def skinny_output_head(
+    model: Any, enabled: bool = True, *, packed: PackedWeights | None = None
+) -> Iterator[bool]:
+    """Within the block, ``model``'s output head computes its logits with the few-row products.
 
     Args:
         model: a causal LM (``get_output_embeddings()``).
-        enabled: False makes the block a no-op (the engine's ``skinny_head=False``).
+        enabled: the transposed product (:func:`skinny_linear`); False: not (the engine's
+            ``skinny_head=False``).
+        packed: where given, the packed product (:mod:`rl_distill.rollout.packed`) wherever it
+            applies, before the transposed one; None: not used. With ``enabled=False`` and no
+            ``packed`` the block is a no-op.
 
     Yields:
-        Whether the head was switched (False: unsupported head, or ``enabled=False``).
+        Whether the head was switched (False: unsupported head, or nothing to switch to).
     """
-    if not enabled or not supports_skinny_head(model):
+    if not (enabled or packed is not None) or not supports_skinny_head(model):
         yield False
         return
     head: nn.Linear = model.get_output_embeddings()
@@ -158,9 +186,8 @@ def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
         yield True
         return
 
-    def forward(x: Tensor) -> Tensor:
-        return skinny_linear(x, head.weight, head.bias)
-
+    # nn.Linear.forward's signature (one argument, named ``input``), bound to this head.
+    forward = partial(_few_row_forward, head, head=True, transposed=enabled, packed=packed)
     head.forward = forward  # type: ignore[method-assign]  # shadows nn.Linear.forward on this instance
     try:
         yield True
@@ -168,13 +195,10 @@ def skinny_output_head(model: Any, enabled: bool = True) -> Iterator[bool]:
         del head.forward
 
 
-def _layer_forward(layer: nn.Linear, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear.forward's name
-    """A switched decoder layer's forward: :func:`skinny_linear` in the layer regime."""
-    return skinny_linear(input, layer.weight, layer.bias, head=False)
-
-
 @contextmanager
-def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None = None) -> Iterator[int]:
+def skinny_decoder_layers(
+    model: Any, enabled: bool = True, *, rows: int | None = None, packed: PackedWeights | None = None
+) -> Iterator[int]:
     """Within the block, ``model``'s decoder-layer linear maps use :func:`skinny_linear` (layer regime).
 
     Every plain :class:`torch.nn.Linear` of ``model`` outside its output head (attention projections,
@@ -190,11 +214,15 @@ def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None 
 
     Args:
         model: any module (anything else, e.g. a custom sampler object, is left alone).
-        enabled: False makes the block a no-op (the engine's ``skinny_layers=False``).
+        enabled: the transposed product; False: not (the engine's ``skinny_layers=False``).
         rows: the rows of the forwards the block will run, when known: outside the layer regime (2 to
-            :data:`SKINNY_LAYER_MAX_ROWS`) nothing is switched, which saves walking the model and
-            shadowing every layer where no product would change (a cost paid per token by the
-            environment's incremental scorer).
+            :data:`SKINNY_LAYER_MAX_ROWS`, or 1 to :data:`~rl_distill.rollout.packed.PACKED_MAX_ROWS`
+            with ``packed``) nothing is switched, which saves walking the model and shadowing every
+            layer where no product would change (a cost paid per token by the environment's
+            incremental scorer).
+        packed: where given, the packed product (:mod:`rl_distill.rollout.packed`) wherever it
+            applies, before the transposed one; None: not used. With ``enabled=False`` and no
+            ``packed`` the block is a no-op.
 
     Yields:
         The number of layers switched by this block (0 when disabled, outside the row regime, or
@@ -204,14 +232,17 @@ def skinny_decoder_layers(model: Any, enabled: bool = True, *, rows: int | None 
     head = getter() if callable(getter) else None
     skip = set(head.modules()) if isinstance(head, nn.Module) else set()
     switched: list[nn.Linear] = []
-    if rows is not None and not SKINNY_MIN_ROWS <= rows <= SKINNY_LAYER_MAX_ROWS:
-        enabled = False
-    if enabled and isinstance(model, nn.Module):  # a custom sampler (MiniLLM's mixed policy) is left alone
+    transposed = enabled and (rows is None or SKINNY_MIN_ROWS <= rows <= SKINNY_LAYER_MAX_ROWS)
+    if packed is not None and rows is not None and not 1 <= rows <= PACKED_MAX_ROWS:
+        packed = None
+    if (transposed or packed is not None) and isinstance(model, nn.Module):  # a custom sampler is left alone
         for module in model.modules():
             if module in skip or not _plain_linear(module) or "forward" in vars(module):
                 continue
             # nn.Linear.forward's signature (one argument, named ``input``), bound to this layer.
-            module.forward = partial(_layer_forward, module)  # type: ignore[method-assign]
+            module.forward = partial(  # type: ignore[method-assign]
+                _few_row_forward, module, head=False, transposed=transposed, packed=packed
+            )
             switched.append(module)
     try:
         yield len(switched)
