@@ -16,8 +16,6 @@ Methods (:data:`METHODS`):
 - ``ours_strided_head``: ``ours`` with the output head reading Hugging Face's strided
   ``logits_to_keep`` slice as it is (:mod:`benchmarks._patches` ``strided_head_input``): the
   head-input lever alone (with ``precision: bf16``, that lever in the bf16 configuration);
-- ``ours_unpacked``: ``ours`` without oneDNN-packed weights when decoding (:mod:`benchmarks._patches`
-  ``unpacked``): the packed-weights lever alone (with ``precision: bf16``, in the bf16 configuration);
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -500,7 +498,6 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     "ours_strided_head": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("strided_head_input",), name="ours_strided_head"
     ),
-    "ours_unpacked": lambda spec: run_ours(spec, lmbda=1.0, patches=("unpacked",), name="ours_unpacked"),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),
     "trl_distillation": run_trl_distillation,

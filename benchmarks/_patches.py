@@ -23,10 +23,6 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
 - ``strided_head_input``: the output head reads Hugging Face's strided ``logits_to_keep`` slice as
   it is (every ``dense_head_input`` block of :mod:`rl_distill.rollout.skinny_head` a no-op): the
   head-input lever alone.
-- ``unpacked``: no oneDNN-packed weights when decoding (:func:`rl_distill.rollout.packed.packing_available`
-  answers False, so every engine and scorer takes the few-row products or ``F.linear`` as before):
-  the packed-weights lever alone. ``linear_layers`` also keeps the decoder layers off the packed
-  product (the output head keeps it), so that it stays "``F.linear`` in every decoder layer".
 
 History (issue #12, #18): ``inverse_cdf_sampling`` (the engine samples by inverse CDF since
 07b5d6f), ``small_chunks`` (2**20 elements; the library default is 2**19 since 247e0a2) and the
@@ -66,30 +62,10 @@ def patch_linear_head() -> Callable[[], None]:
 
 
 def patch_linear_layers() -> Callable[[], None]:
-    """Make the decoder layers' few-row products never apply (``F.linear`` throughout); returns the undo."""
+    """Make the decoder layers' few-row product never apply (``F.linear`` throughout); returns the undo."""
     import rl_distill.rollout.skinny_head as sh
-    from rl_distill.rollout.packed import PackedWeights
 
-    original = PackedWeights.__dict__["applies"]  # the staticmethod object itself, put back as it was
-
-    def head_only(x: Any, weight: Any, *, head: bool = True) -> bool:
-        return head and original.__func__(x, weight, head=head)
-
-    undo_rows = _replace(sh, "SKINNY_LAYER_MAX_ROWS", 0)
-    PackedWeights.applies = staticmethod(head_only)  # type: ignore[method-assign]
-
-    def undo() -> None:
-        PackedWeights.applies = original  # type: ignore[method-assign]
-        undo_rows()
-
-    return undo
-
-
-def patch_unpacked() -> Callable[[], None]:
-    """Make oneDNN packing unavailable (no packed product anywhere); returns the undo."""
-    import rl_distill.rollout.packed as packed
-
-    return _replace(packed, "packing_available", lambda dtype=None: False)
+    return _replace(sh, "SKINNY_LAYER_MAX_ROWS", 0)
 
 
 def patch_no_prefix_cache() -> Callable[[], None]:
@@ -121,7 +97,6 @@ PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "no_prefix_cache": patch_no_prefix_cache,
     "dense_embedding_grad": patch_dense_embedding_grad,
     "strided_head_input": patch_strided_head_input,
-    "unpacked": patch_unpacked,
 }
 
 

@@ -83,9 +83,6 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     # the head-input lever alone: the output head reads the strided logits_to_keep slice (fp32 and bf16)
     "ours_strided_head": ("ours_strided_head", {}, "core"),
     "ours_bf16_strided_head": ("ours_strided_head", {"precision": "bf16"}, "core"),
-    # the packed-weights lever alone: no oneDNN-packed weights when decoding (fp32 and bf16)
-    "ours_unpacked": ("ours_unpacked", {}, "core"),
-    "ours_bf16_unpacked": ("ours_unpacked", {"precision": "bf16"}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -113,8 +110,6 @@ PAIRS: dict[str, tuple[str, str]] = {
     "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
     "head-input lever: dense vs strided head input": ("ours", "ours_strided_head"),
     "head-input lever, bf16: dense vs strided head input": ("ours_bf16", "ours_bf16_strided_head"),
-    "packed-weights lever: packed vs unpacked decode": ("ours", "ours_unpacked"),
-    "packed-weights lever, bf16: packed vs unpacked decode": ("ours_bf16", "ours_bf16_unpacked"),
 }
 
 
@@ -386,8 +381,7 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     ``generate`` per token = (generate - prefill) / (T - 1): the 31 one-token forwards plus the
     engine's sampling and bookkeeping; ``generate_linear_head`` the same with the engine's few-row
     output head off (``skinny_head=False``), ``generate_linear_layers`` with the decoder layers'
-    few-row products off (``skinny_layers=False``), ``generate_unpacked`` without the packed weights
-    (``packed_weights=False``). ``head``: :func:`measure_head` on the student's
+    few-row products off (``skinny_layers=False``). ``head``: :func:`measure_head` on the student's
     head; ``layers``: :func:`measure_layer_products` on its decoder layers; ``head_input``:
     :func:`measure_head_input` on its head. The greedy loops time the one-token forwards alone, with the
     dynamic cache (the engine's) and a static one (``transformers.StaticCache``); their last logits
@@ -432,12 +426,10 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
     )
     linear_engine = RolloutEngine(student, teacher, tokenizer, skinny_head=False)
     linear_layers_engine = RolloutEngine(student, teacher, tokenizer, skinny_layers=False)
-    unpacked_engine = RolloutEngine(student, teacher, tokenizer, packed_weights=False)
     gen = torch.Generator().manual_seed(spec.seed)
     for precision in ("fp32", "bf16"):
         rows: dict[str, list[float]] = {
-            "generate": [], "generate_linear_head": [], "generate_linear_layers": [], "generate_unpacked": [],
-            "prefill": [],
+            "generate": [], "generate_linear_head": [], "generate_linear_layers": [], "prefill": [],
             "dynamic": [], "static": [],
         }  # fmt: skip
         with torch.no_grad(), autocast(precision, spec.device):
@@ -451,9 +443,6 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 start = time.perf_counter()
                 rollout_lay = linear_layers_engine.generate(batch, sampling, generator=gen)
                 t_lay = time.perf_counter() - start
-                start = time.perf_counter()
-                rollout_unp = unpacked_engine.generate(batch, sampling, generator=gen)
-                t_unp = time.perf_counter() - start
                 start = time.perf_counter()
                 student(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -476,8 +465,6 @@ def measure_decode(spec: BenchSpec, floors: dict[str, Any], repeats: int = 3) ->
                 rows["generate_linear_head"].append((t_lin - t_pre) / max(1, width_lin - 1) * 1e3)
                 width_lay = rollout_lay.completion_ids.shape[1]
                 rows["generate_linear_layers"].append((t_lay - t_pre) / max(1, width_lay - 1) * 1e3)
-                width_unp = rollout_unp.completion_ids.shape[1]
-                rows["generate_unpacked"].append((t_unp - t_pre) / max(1, width_unp - 1) * 1e3)
                 rows["prefill"].append(t_pre * 1e3)
                 rows["dynamic"].append(t_dyn / steps * 1e3)
                 if static_error is None:

@@ -24,6 +24,10 @@ FILE = "perf_round2.json"
 #: A dedicated run of the two headline pairs only, with more repeats (same driver, ``--configs``);
 #: its repeats are pooled with the full run's for the headline (:func:`pooled_ratios`).
 HEADLINE_FILE = "perf_round2_headline.json"
+#: The full run at commit b5cd513, where the engine also packed the trained student in every
+#: ``generate`` call (``ours_unpacked`` rows: the same without packing); its steps are item 7's
+#: evidence for not doing so. Nothing else on the page reads it.
+PACKED_STUDENT_FILE = "perf_round2_packed_student.json"
 #: The pairs the headline run repeats: fp32 and bf16 against DistillationTrainer.
 HEADLINE_PAIRS = {"fp32": ("ours", "trl_distillation"), "bf16": ("ours_bf16", "trl_distillation_bf16")}
 
@@ -539,7 +543,6 @@ def decode_block(results: Path = RESULTS) -> str:
                 "generate_linear_layers",
                 "engine `generate`, `F.linear` decoder layers (`skinny_layers=False`)",
             ),
-            ("generate_unpacked", "engine `generate`, no packed weights (`packed_weights=False`)"),
         )
         if key in dec["fp32"]["median_ms_per_token"]
     ]
@@ -879,47 +882,56 @@ def levers_block(results: Path = RESULTS) -> str:
             + "; ".join(head_lines)
             + ". Kept (shipped, `RolloutEngine(dense_head_input=True)`; config `train.dense_head_input`)."
         )
-    out += _packed_lever(data, dec)
+    out += _packed_lever(results)
     return "\n".join(out)
 
 
-def _packed_lever(data: dict[str, Any], dec: dict[str, Any] | None) -> list[str]:
-    """Item 7: the oneDNN-packed weights (decode section's ``generate_unpacked``, the ``*_unpacked`` steps)."""
+def _packed_lever(results: Path) -> list[str]:
+    """Item 7: the oneDNN-packed weights; the trained student packed per call was measured and not kept."""
+    data = load(results)
+    trial_path = results / PACKED_STUDENT_FILE
+    trial = json.loads(trial_path.read_text(encoding="utf-8")) if trial_path.is_file() else {}
+    dec, env = data.get("decode"), data.get("env")
+    if not dec or "packed" not in next(iter(dec.get("head", {}).get("ms", {}).values()), {}):
+        return []
+    head8 = dec["head"]["ms"].get("float32_8")
+    line = (
+        "7. **Packed weights** (`rl_distill/rollout/packed.py`: oneDNN reorders a weight once into its blocked "
+        "layout and the 1-16-row decode products read that copy; section 3's head and layer tables, third "
+        "number): "
+        + (
+            f"the head at 8 rows {head8['linear']:.1f} ms (`F.linear`) vs {head8['transposed']:.1f} (transposed) vs "
+            f"{head8['packed']:.1f} ms (packed). "
+            if head8
+            else ""
+        )
+        + "Kept for frozen models, packed once (`RolloutEngine(packed_weights=True)`, config "
+        "`train.packed_weights`): the environment's incremental teacher"
+        + (f" (section 6: env / floor {_x(env['time_ratio_env_over_floor'])})" if env else "")
+        + " and the teacher sampling SeqKD data."
+    )
     parts = []
     for label, on_name, off_name in (
         ("fp32", "ours", "ours_unpacked"),
         ("bf16", "ours_bf16", "ours_bf16_unpacked"),
     ):
-        on, off, pair = (
-            config_summary(data, on_name),
-            config_summary(data, off_name),
-            pair_ratios(data, on_name, off_name),
-        )
+        on, off = config_summary(trial, on_name), config_summary(trial, off_name)
+        pair = pair_ratios(trial, on_name, off_name)
         if on and off and pair:
             parts.append(
-                f"{label}: step {on['median_step_seconds']:.3f} s with them vs {off['median_step_seconds']:.3f} s "
-                f"without (`{off_name}`), throughput ratio per repeat {_spread(pair)}; generate phase "
-                f"{on['phases']['generate']:.3f} vs {off['phases']['generate']:.3f} s; peak RSS "
-                f"{on['peak_rss_mib']:.0f} vs {off['peak_rss_mib']:.0f} MiB"
+                f"{label}: step {on['median_step_seconds']:.3f} s packed vs {off['median_step_seconds']:.3f} s not "
+                f"(throughput ratio per repeat {_spread(pair)}), generate phase {on['phases']['generate']:.3f} vs "
+                f"{off['phases']['generate']:.3f} s, peak RSS {on['peak_rss_mib']:.0f} vs {off['peak_rss_mib']:.0f} MiB"
             )
-    decode = []
-    for precision in ("fp32", "bf16"):
-        m = (dec or {}).get(precision, {}).get("median_ms_per_token", {})
-        if "generate_unpacked" in m:
-            decode.append(
-                f"{precision}{' autocast' if precision == 'bf16' else ''} decode {m['generate']:.1f} vs "
-                f"{m['generate_unpacked']:.1f} ms/token without"
-            )
-    if not parts and not decode:
-        return []
-    return [
-        "7. **Packed weights** (`rl_distill/rollout/packed.py`: oneDNN reorders each weight once into its blocked "
-        "layout and the decode steps' 1-16-row products read that copy; a trainable student is packed per "
-        "`generate` call and released after it, a frozen teacher once; under bf16 autocast the packed copy is "
-        "bf16, so no weight is cast per token): "
-        + "; ".join(decode + parts)
-        + ". Kept (shipped, `RolloutEngine(packed_weights=True)`; config `train.packed_weights`)."
-    ]
+    if parts:
+        commit = trial.get("invocations", [{}])[-1].get("machine", {}).get("commit", "?")
+        line += (
+            " Not kept for the trained student: packed anew in every `generate` call (its weights change at every "
+            f"update), measured in a full run at commit {commit} (`benchmarks/results/{PACKED_STUDENT_FILE}`): "
+            + "; ".join(parts)
+            + ". Repacking the 6-layer student costs about as much as its products gain at B = 4."
+        )
+    return [line]
 
 
 BLOCKS["r2_levers"] = levers_block

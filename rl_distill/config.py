@@ -258,9 +258,9 @@ class TrainConfig:
     prefilling (``rl_distill/rollout/skinny_head.py``: on CPU ``F.linear`` on Hugging Face's ``logits_to_keep``
     slice is many times slower, above all in bfloat16). False: the model's own strided slice."""
     packed_weights: bool = True
-    """Decode (and score incrementally) with oneDNN-packed weights on CPU (``rl_distill/rollout/packed.py``:
-    1-16 rows, float32 and bf16, equal to ``F.linear`` to rounding; the student is packed per sampling call,
-    a frozen teacher once, costing its weight bytes again). False: the few-row products or ``F.linear``."""
+    """Decode frozen models (teacher sampling, the environment's incremental teacher) with oneDNN-packed weights
+    on CPU (``rl_distill/rollout/packed.py``: 1-16 rows, fp32 and bf16, equal to ``F.linear`` to rounding; packed
+    once, costing the weights' bytes again; the trained student is never packed). False: the few-row products."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any

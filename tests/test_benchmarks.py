@@ -293,7 +293,7 @@ def test_perf_round2_smoke_and_report(tmp_path):
     assert (
         dec["fp32"]["static_vs_dynamic_max_abs_logit_diff"] < 1e-4
     )  # the static cache computes the same logits
-    assert {"generate", "generate_linear_head", "generate_linear_layers", "generate_unpacked"} <= set(
+    assert {"generate", "generate_linear_head", "generate_linear_layers"} <= set(
         dec["fp32"]["median_ms_per_token"]
     )
     layers = dec["layers"]  # the tiny student keeps all 4 of the tiny teacher's layers, 7 projections each
@@ -366,29 +366,6 @@ def test_linear_layers_switch_turns_the_layer_products_off_and_is_undone():
     finally:
         undo()
     assert sh._uses_transposed(x, w, head=False) and sh.SKINNY_LAYER_MAX_ROWS == 4
-
-
-def test_linear_layers_and_unpacked_switches_turn_packing_off_and_are_undone():
-    from rl_distill.rollout import packed
-
-    x, w = torch.randn(3, 16), torch.randn(16, 16)
-    if not packed.packing_available(torch.float32):
-        pytest.skip("this PyTorch build has no oneDNN packing")
-    assert packed.PackedWeights.applies(x, w, head=False) and packed.PackedWeights.applies(x, w)
-    undo = apply_patches(["linear_layers"])
-    try:  # the decoder layers lose the packed product too; the head keeps it
-        assert not packed.PackedWeights.applies(x, w, head=False)
-        assert packed.PackedWeights.applies(x, w)
-    finally:
-        undo()
-    assert packed.PackedWeights.applies(x, w, head=False)
-    assert isinstance(packed.PackedWeights.__dict__["applies"], staticmethod)  # put back as it was
-    undo = apply_patches(["unpacked"])
-    try:
-        assert not packed.PackedWeights.applies(x, w) and not packed.packing_available(torch.float32)
-    finally:
-        undo()
-    assert packed.PackedWeights.applies(x, w)
 
 
 def test_strided_head_input_switch_leaves_the_slice_and_is_undone():

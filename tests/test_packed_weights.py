@@ -159,23 +159,30 @@ def test_switched_blocks_use_it_without_the_transposed_product():
         assert not head_on
 
 
-def test_engine_generates_the_same_and_releases_a_trainable_model(student, teacher, tokenizer):
+def test_engine_packs_a_frozen_model_once_and_never_the_trainable_student(student, teacher, tokenizer):
     packed = RolloutEngine(student, teacher, tokenizer)
     plain = RolloutEngine(student, teacher, tokenizer, packed_weights=False)
     assert packed.packed is not None and plain.packed is None
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
-    got = packed.generate(PROMPTS, sampling)
-    want = plain.generate(PROMPTS, sampling)
+    # The student (trainable): not packed, the same rollout bit for bit as without packing.
+    got, want = packed.generate(PROMPTS, sampling), plain.generate(PROMPTS, sampling)
+    assert packed.packed.packs == 0
+    assert torch.equal(got.completion_ids, want.completion_ids) and torch.equal(got.logprobs, want.logprobs)
+    # A frozen model (the teacher sampling, e.g. SeqKD data): packed once, kept for the next call,
+    # the same greedy tokens and log-probs to rounding.
+    got = packed.generate(PROMPTS, sampling, model=packed.teacher)
+    want = plain.generate(PROMPTS, sampling, model=plain.teacher)
     assert torch.equal(got.completion_ids, want.completion_ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
-    assert packed.packed.packs > 0 and len(packed.packed) == 0  # the student's copies went with the call
-    assert not any("forward" in vars(m) for m in student.modules())
-    # A frozen model (the teacher sampling, e.g. SeqKD data) keeps its packed copies for the next call.
-    packed.generate(PROMPTS, sampling, model=packed.teacher)
     kept, packs = len(packed.packed), packed.packed.packs
-    assert kept > 0
+    assert kept == packs == 2 * 7 + 1  # every linear map of the 2-layer teacher and its head
     packed.generate(PROMPTS, sampling, model=packed.teacher)
     assert len(packed.packed) == kept and packed.packed.packs == packs
+    assert not any("forward" in vars(m) for m in teacher.modules())
+    # Frozen, the student is packed too.
+    student.requires_grad_(False)
+    packed.generate(PROMPTS, sampling)
+    assert packed.packed.packs > packs
 
 
 def test_incremental_scorer_matches_the_unpacked_one(student, teacher, tokenizer):

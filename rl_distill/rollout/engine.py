@@ -431,11 +431,12 @@ class RolloutEngine:
             strided input (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; on CPU
             ``F.linear`` on Hugging Face's ``logits_to_keep`` slice is many times slower, above all
             in bfloat16). False: the model's own strided slice.
-        packed_weights: decode (and score incrementally) with oneDNN-packed weights on CPU
+        packed_weights: decode frozen models (the teacher sampling, e.g. SeqKD data; the
+            environment's incremental teacher) with oneDNN-packed weights on CPU
             (:mod:`rl_distill.rollout.packed`: 1-16 rows, float32 and bfloat16, equal to ``F.linear``
-            to rounding). A trainable model is packed for one :meth:`generate` call and released after
-            it; a frozen one (the teacher) keeps its packed copy (the weights' bytes again) while the
-            engine lives. False: the few-row products above, or ``F.linear``.
+            to rounding); packed once, the copy (the weights' bytes again) kept while the engine
+            lives. A trainable model (the student) is never packed by :meth:`generate`: repacking it
+            after every update cost what it gained. False: the few-row products above, or ``F.linear``.
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -598,16 +599,18 @@ class RolloutEngine:
         was_training = model.training
         model.eval()
         try:
+            # A trainable model is not packed: its weights change at every update, and packing it anew
+            # per call (about 0.1 s for the main job's student) cost what its products gained
+            # (docs/results/performance.md, section 7, item 7). A frozen one is packed once.
+            packed = self.packed if isinstance(model, torch.nn.Module) and not _trainable(model) else None
             with (
-                skinny_output_head(model, self.skinny_head, packed=self.packed),
-                skinny_decoder_layers(model, self.skinny_layers, rows=len(batch), packed=self.packed),
+                skinny_output_head(model, self.skinny_head, packed=packed),
+                skinny_decoder_layers(model, self.skinny_layers, rows=len(batch), packed=packed),
             ):
                 tokens, logps, alive = self._decode(model, batch, sampling, generator)
         finally:
             if was_training:
                 model.train()
-            if self.packed is not None and isinstance(model, torch.nn.Module) and _trainable(model):
-                self.packed.release(model)  # its weights change at the next update: do not hold them
         # Lock-step padding steps come after this process's last real token: cut them off, so the
         # rollout is the one this process would have sampled alone.
         width = (

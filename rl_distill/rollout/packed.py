@@ -14,9 +14,12 @@ first use and made again when the weight changes (a new tensor, or an in-place u
 optimiser step or ``load_state_dict``: the key is the weight's storage pointer and version counter).
 A change made through ``weight.data`` bypasses the version counter: call :meth:`PackedWeights.clear`
 after one. A packed copy costs the weight's bytes again (in the compute dtype) and its making costs
-about a copy of it, so the rollout engine packs a *trainable* model for one ``generate`` call and
-releases it after (its weights change at every optimiser step anyway), and keeps a frozen model's
-(the teacher) for as long as the engine or scorer lives.
+more than a copy of it (about 0.1 s for the main job's 6-layer student, 0.35 s for the SmolLM2
+teacher), so it pays only where one packing serves many decode steps: the rollout engine packs frozen
+models (the teacher sampling, the environment's incremental teacher) once and keeps the copy, and
+never packs a trainable student in ``generate`` (its weights change at every update; packing it per
+call measured no faster in bfloat16 and slower in float32 end to end,
+``benchmarks/results/perf_round2_packed_student.json``).
 
 :meth:`PackedWeights.applies` is the regime: on CPU, no gradient needed (the decode runs under
 ``no_grad``/``inference_mode``; a training forward never takes this path), 1 to :data:`PACKED_MAX_ROWS`

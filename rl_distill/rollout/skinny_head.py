@@ -31,6 +31,13 @@ every plain ``nn.Linear`` of the model other than the head, for 2 to :data:`SKIN
 rows only (at 6-8 rows neither product won consistently), under the same conditions (float32, CPU,
 no autocast, ordinary tensors), with the same scoping and the same float32-rounding caveat.
 
+Both switches also take the oneDNN-packed product (:mod:`rl_distill.rollout.packed`, the engine's
+``packed_weights``): given a :class:`~rl_distill.rollout.packed.PackedWeights`, a switched map uses it
+wherever it applies (1-16 rows, float32 or bfloat16, no gradient; float32 decoder layers from 3
+rows), else the transposed product in its regime, else ``F.linear``. It was measured faster than both
+for the head at every row count and for the layers from 3 rows, and it is the only one of the three
+that also speeds up bfloat16 (and bf16 autocast, where ``F.linear`` casts every weight per call).
+
 The head's input when scoring: Hugging Face models keep the logits of the last ``k`` positions
 (``logits_to_keep``) by slicing the hidden states, ``h[:, -k:, :]``, which hands the head a view whose
 outer strides are those of the whole sequence. On CPU, ``F.linear`` with such an input can fall off
