@@ -58,7 +58,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
 from rl_distill.rollout.incremental import IncrementalScorer
-from rl_distill.rollout.packed import PackedWeights
+from rl_distill.rollout.packed import PackedWeights, trainable
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, PromptEncoder, PromptTooLongError, position_ids_from_mask
 from rl_distill.rollout.skinny_head import dense_head_input as _dense_head
@@ -602,7 +602,7 @@ class RolloutEngine:
             # A trainable model is not packed: its weights change at every update, and packing it anew
             # per call (about 0.1 s for the main job's student) cost what its products gained
             # (docs/results/performance.md, section 7, item 7). A frozen one is packed once.
-            packed = self.packed if isinstance(model, torch.nn.Module) and not _trainable(model) else None
+            packed = self.packed if isinstance(model, torch.nn.Module) and not trainable(model) else None
             with (
                 skinny_output_head(model, self.skinny_head, packed=packed),
                 skinny_decoder_layers(model, self.skinny_layers, rows=len(batch), packed=packed),
@@ -925,11 +925,6 @@ class RolloutEngine:
                 self.tokenizer.decode([i for i, keep in zip(ids, m) if keep], skip_special_tokens=True)
             )
         return texts
-
-
-def _trainable(model: torch.nn.Module) -> bool:
-    """Whether any parameter of ``model`` requires a gradient (its weights change between calls)."""
-    return any(p.requires_grad for p in model.parameters())
 
 
 def _context_length(model: PreTrainedModel) -> int | None:

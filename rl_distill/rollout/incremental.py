@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rl_distill.rollout.packed import PackedWeights
+from rl_distill.rollout.packed import PackedWeights, trainable
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
 from rl_distill.rollout.skinny_head import dense_head_input, skinny_decoder_layers, skinny_output_head
@@ -82,10 +82,12 @@ class IncrementalScorer:
             (:func:`~rl_distill.rollout.skinny_head.skinny_decoder_layers`; False: ``F.linear``).
         dense_head_input: the prefill hands the output head a densely strided input
             (:func:`~rl_distill.rollout.skinny_head.dense_head_input`; False: the model's strided slice).
-        packed_weights: each step's products with oneDNN-packed weights on CPU
-            (:mod:`rl_distill.rollout.packed`; equal to ``F.linear`` to rounding). The scorer keeps the
-            packed copies (the weights' bytes again) while it lives and remakes one when its weight
-            changes; :meth:`release_packed` drops them. False: the few-row products above.
+        packed_weights: each step's products with oneDNN-packed weights on CPU when the model is
+            frozen (no parameter requires a gradient: the environment's teacher), as
+            :meth:`RolloutEngine.generate` (:mod:`rl_distill.rollout.packed`; equal to ``F.linear`` to
+            rounding). The scorer keeps the packed copies (the weights' bytes again) while it lives and
+            remakes one when its weight changes; :meth:`release_packed` drops them. False: the few-row
+            products above.
         prefix_cache: the prefill runs the prompts after the keys and values of the prefix every
             row shares, cached (:class:`~rl_distill.rollout.prefix_cache.PrefixKVCache`: a chat
             template's system turn is computed once, not per episode; equal to float32 rounding). Give
@@ -121,9 +123,11 @@ class IncrementalScorer:
 
         ``rows``: this forward's rows (the layers are switched only in their regime).
         """
+        # Packed weights for a frozen model only (the environment's teacher), as RolloutEngine.generate.
+        packed = self.packed if self.packed is not None and not trainable(self.model) else None
         with (
-            skinny_output_head(self.model, self.skinny_head, packed=self.packed),
-            skinny_decoder_layers(self.model, self.skinny_layers, rows=rows, packed=self.packed),
+            skinny_output_head(self.model, self.skinny_head, packed=packed),
+            skinny_decoder_layers(self.model, self.skinny_layers, rows=rows, packed=packed),
         ):
             yield
 

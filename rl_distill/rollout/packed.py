@@ -49,7 +49,7 @@ PACKED_MIN_FP32_LAYER_ROWS = 3
 #: The row count oneDNN is told to expect when packing (its layout choice for decoding batches).
 PACK_ROWS_HINT = 8
 
-__all__ = ["PACKED_MAX_ROWS", "PACKED_MIN_FP32_LAYER_ROWS", "PackedWeights", "packing_available"]
+__all__ = ["PACKED_MAX_ROWS", "PACKED_MIN_FP32_LAYER_ROWS", "PackedWeights", "packing_available", "trainable"]
 
 
 @cache
@@ -70,6 +70,14 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return bool(torch.equal(out.float(), torch.nn.functional.linear(x, weight).float()))
+
+
+def trainable(model: Any) -> bool:
+    """Whether ``model`` is a module with a parameter that requires a gradient (its weights may change).
+
+    Packed copies are made only for models where this is False (frozen: the teacher).
+    """
+    return isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters())
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
