@@ -891,20 +891,38 @@ def _packed_lever(results: Path) -> list[str]:
     data = load(results)
     trial_path = results / PACKED_STUDENT_FILE
     trial = json.loads(trial_path.read_text(encoding="utf-8")) if trial_path.is_file() else {}
-    dec, env = data.get("decode"), data.get("env")
-    if not dec or "packed" not in next(iter(dec.get("head", {}).get("ms", {}).values()), {}):
+    env = data.get("env")
+    dec = trial.get("decode") or {}
+    heads = dec.get("head", {}).get("ms", {})
+    if not heads or "packed" not in next(iter(heads.values())):
         return []
-    head8 = dec["head"]["ms"].get("float32_8")
+    layers = dec.get("layers", {}).get("ms", {})
+
+    def layer_sum(rows: str, key: str) -> float:
+        return sum(cells[rows][key] for cells in layers.values()) * dec["layers"]["layers"]
+
+    cells = []
+    for dtype in ("float32", "bfloat16"):
+        for n in (4, 8):
+            c = heads.get(f"{dtype}_{n}")
+            if c:
+                cells.append(
+                    f"{dtype} {n} rows {c['linear']:.1f} / {c['transposed']:.1f} / {c['packed']:.1f} ms"
+                )
+    layer_text = (
+        "; the student's 6 decoder layers' products per token, float32 at 8 rows: "
+        f"{layer_sum('8', 'linear'):.2f} / {layer_sum('8', 'transposed'):.2f} / {layer_sum('8', 'packed'):.2f} ms"
+        if layers and all("packed" in c.get("8", {}) for c in layers.values())
+        else ""
+    )
     line = (
         "7. **Packed weights** (`rl_distill/rollout/packed.py`: oneDNN reorders a weight once into its blocked "
-        "layout and the 1-16-row decode products read that copy; section 3's head and layer tables, third "
-        "number): "
-        + (
-            f"the head at 8 rows {head8['linear']:.1f} ms (`F.linear`) vs {head8['transposed']:.1f} (transposed) vs "
-            f"{head8['packed']:.1f} ms (packed). "
-            if head8
-            else ""
-        )
+        "layout and the 1-16-row decode products read that copy). Measured alone in the decode section of the "
+        f"run in `benchmarks/results/{PACKED_STUDENT_FILE}` (same driver; `F.linear` / transposed / packed): the "
+        "output head "
+        + ", ".join(cells)
+        + layer_text
+        + ". "
         + "Kept for frozen models, packed once (`RolloutEngine(packed_weights=True)`, config "
         "`train.packed_weights`): the environment's incremental teacher"
         + (f" (section 6: env / floor {_x(env['time_ratio_env_over_floor'])})" if env else "")
@@ -929,7 +947,8 @@ def _packed_lever(results: Path) -> list[str]:
             " Not kept for the trained student: packed anew in every `generate` call (its weights change at every "
             f"update), measured in a full run at commit {commit} (`benchmarks/results/{PACKED_STUDENT_FILE}`): "
             + "; ".join(parts)
-            + ". Repacking the 6-layer student costs about as much as its products gain at B = 4."
+            + ". Repacking the 6-layer student (about 0.1 s) costs about as much as its products gain at B = 4: "
+            "slower in fp32, within the noise in bf16, for more memory."
         )
     return [line]
 

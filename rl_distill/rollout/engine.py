@@ -600,7 +600,7 @@ class RolloutEngine:
         model.eval()
         try:
             # A trainable model is not packed: its weights change at every update, and packing it anew
-            # per call (about 0.1 s for the main job's student) cost what its products gained
+            # per call (about 0.1 s for the main job's student) cost about what its products gained
             # (docs/results/performance.md, section 7, item 7). A frozen one is packed once.
             packed = self.packed if isinstance(model, torch.nn.Module) and not trainable(model) else None
             with (

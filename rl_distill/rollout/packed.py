@@ -18,7 +18,8 @@ more than a copy of it (about 0.1 s for the main job's 6-layer student, 0.35 s f
 teacher), so it pays only where one packing serves many decode steps: the rollout engine packs frozen
 models (the teacher sampling, the environment's incremental teacher) once and keeps the copy, and
 never packs a trainable student in ``generate`` (its weights change at every update; packing it per
-call measured no faster in bfloat16 and slower in float32 end to end,
+call measured slower end to end in float32, 0.88x the throughput, and within the noise in bf16
+autocast, 1.08x with 0.95-1.17x over the repeats, for 64 MiB more peak memory:
 ``benchmarks/results/perf_round2_packed_student.json``).
 
 :meth:`PackedWeights.applies` is the regime: on CPU, no gradient needed (the decode runs under
