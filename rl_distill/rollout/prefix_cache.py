@@ -147,16 +147,8 @@ class PrefixKVCache:
             return None
         length, kv = found
         ids, row_mask = _after_prefix(input_ids, attention_mask, num_completion, length)
-        ids, row_mask = ids[:, :-1], row_mask[:, :-1]  # the last token is not fed (as the plain forward)
-        full_mask = torch.cat([row_mask.new_ones(len(ids), length), row_mask], dim=1)
-        out = model(
-            input_ids=ids,
-            attention_mask=full_mask,
-            position_ids=position_ids_from_mask(full_mask)[:, length:],
-            past_key_values=_expanded_cache(kv, length, len(ids)),
-            use_cache=True,
-            logits_to_keep=num_completion,
-        )
+        # The last token is not fed (as the plain forward).
+        out, _ = _forward_after(model, ids[:, :-1], row_mask[:, :-1], length, kv, keep=num_completion)
         logits = out.logits
         return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
 
@@ -178,16 +170,7 @@ class PrefixKVCache:
             return None
         length, kv = found
         ids, row_mask = _after_prefix(input_ids, attention_mask, 0, length)
-        full_mask = torch.cat([row_mask.new_ones(len(ids), length), row_mask], dim=1)
-        out = model(
-            input_ids=ids,
-            attention_mask=full_mask,
-            position_ids=position_ids_from_mask(full_mask)[:, length:],
-            past_key_values=_expanded_cache(kv, length, len(ids)),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out, full_mask
+        return _forward_after(model, ids, row_mask, length, kv, keep=1)
 
     def _prefix_kv(
         self, model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_width: int
@@ -230,6 +213,26 @@ def _after_prefix(
     ids = torch.where(real, input_ids.gather(1, src), input_ids.new_zeros(()))
     mask = torch.where(real, attention_mask.gather(1, src), attention_mask.new_zeros(()))
     return ids, mask
+
+
+def _forward_after(
+    model: Any, ids: Tensor, row_mask: Tensor, length: int, kv: list[tuple[Tensor, Tensor]], *, keep: int
+) -> tuple[Any, Tensor]:
+    """One forward of ``ids`` after the ``length`` cached prefix columns; returns ``(output, full mask)``.
+
+    ``keep``: the positions whose logits are kept (``logits_to_keep``). The full mask is the prefix's
+    columns (all ones) followed by ``row_mask``; position ids continue from ``length`` along it.
+    """
+    full_mask = torch.cat([row_mask.new_ones(len(ids), length), row_mask], dim=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=full_mask,
+        position_ids=position_ids_from_mask(full_mask)[:, length:],
+        past_key_values=_expanded_cache(kv, length, len(ids)),
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    return out, full_mask
 
 
 def _expanded_cache(kv: list[tuple[Tensor, Tensor]], length: int, rows: int) -> Any:
