@@ -100,14 +100,20 @@ def test_lockstep_stops_as_soon_as_every_process_is_done(student, teacher, token
 
 
 def test_two_processes_step_together_and_each_keeps_its_single_process_rollout(tmp_path):
-    out = tmp_path / "ranks"
-    out.mkdir()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(_free_port()), __file__, str(out),
-    ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for attempt in range(2):
+        out = tmp_path / f"ranks{attempt}"
+        out.mkdir()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), __file__, str(out),
+        ]  # fmt: skip
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        # Once seen under a loaded CI machine: a worker aborted by the C++ runtime ("terminate called
+        # without an active exception", SIGABRT) in gloo's teardown. That, and only that, is retried
+        # once in fresh processes; any other failure, or the same one twice, fails the test.
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
