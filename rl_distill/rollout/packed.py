@@ -123,15 +123,6 @@ class PackedWeights:
         """Drop every packed copy (they are remade on next use)."""
         self._store.clear()
 
-    def release(self, model: nn.Module) -> int:
-        """Drop the packed copies of ``model``'s layers; returns how many were dropped."""
-        dropped = 0
-        for module in model.modules():
-            if module in self._store:
-                del self._store[module]
-                dropped += 1
-        return dropped
-
     @staticmethod
     def applies(x: Tensor, weight: Tensor, *, head: bool = True) -> bool:
         """Whether :meth:`linear` takes the packed product for this input (the regime of the module docstring).
