@@ -48,6 +48,8 @@ from rl_distill.models import (
 )
 from rl_distill.rollout import RolloutEngine, SamplingConfig
 from rl_distill.rollout.engine import sample_categorical
+from rl_distill.rollout.fused_step import FusedSteps
+from rl_distill.rollout.native import unavailable_reason
 from rl_distill.tasks import load_task
 
 
@@ -65,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "bfloat16"],
         default="float32",
         help="dtype the teacher is stored in (both paths; the student stays float32), as model.teacher_dtype",
+    )
+    parser.add_argument(
+        "--teacher-step",
+        choices=["fused", "onednn", "forward"],
+        default="fused",
+        help="the environment teacher's per-token step: 'fused' (shipped: the fused step, float32 products "
+        "with the native kernel where available), 'onednn' (the fused step with oneDNN's packed products), "
+        "'forward' (the model's own forward with per-module packed weights, before the fused step)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -174,8 +184,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = VectorTokenGenerationEnv(
         (teacher, tokenizer), prompts, num_envs=len(prompts), max_new_tokens=args.max_new_tokens
     )
+    # The teacher-step variant under test (the environment's own scorer; the floor's engine is unchanged).
+    env.core.scorer.fused_steps = {
+        "fused": FusedSteps(),
+        "onednn": FusedSteps(native=False),
+        "forward": None,
+    }[args.teacher_step]
     env.reset(seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    fused = env.core.scorer._fused()
 
     load_before = os.getloadavg()
     floor, stepped = [], []
@@ -215,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "prompt_tokens": [len(engine.encoder.token_ids(p)) for p in prompts],
             "task": args.task,
+            "teacher_step": args.teacher_step,
+            "fused_step_used": fused is not None,
+            "native_kernel_used": fused is not None
+            and fused.kernel is not None
+            and args.teacher_dtype == "float32",
+            "native_kernel_unavailable": unavailable_reason(),
             "warmup": args.warmup,
             "repeats": args.repeats,
         },

@@ -261,6 +261,11 @@ class TrainConfig:
     """Decode frozen models (teacher sampling, the environment's incremental teacher) with oneDNN-packed weights
     on CPU (``rl_distill/rollout/packed.py``: 1-16 rows, fp32 and bf16, equal to ``F.linear`` to rounding; packed
     once, costing the weights' bytes again; the trained student is never packed). False: the few-row products."""
+    fused_decode_step: bool = True
+    """Decode frozen Llama-family models on CPU (teacher sampling, the environment's incremental teacher) with
+    the fused one-token step of ``rl_distill/rollout/fused_step.py`` (fused packed q/k/v and gate/up products,
+    a lean attention step; equal to the model's ``forward`` to rounding); needs ``packed_weights``. False: the
+    model's ``forward``."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
@@ -275,6 +280,7 @@ class TrainConfig:
             "sparse_embedding_grad": self.sparse_embedding_grad,
             "dense_head_input": self.dense_head_input,
             "packed_weights": self.packed_weights,
+            "fused_step": self.fused_decode_step,
         }
 
     def __post_init__(self) -> None:

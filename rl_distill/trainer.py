@@ -97,6 +97,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.sparse_embedding_grad",
         "train.dense_head_input",
         "train.packed_weights",
+        "train.fused_decode_step",
         "train.eval_batch_size",
         "train.eval_seed",
         "model.device",

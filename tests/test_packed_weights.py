@@ -159,7 +159,8 @@ def test_switched_blocks_use_it_without_the_transposed_product():
 
 
 def test_engine_packs_a_frozen_model_once_and_never_the_trainable_student(student, teacher, tokenizer):
-    packed = RolloutEngine(student, teacher, tokenizer)
+    # Per-module packing (the fused step, which holds its own packed copies, is tested in test_fused_step).
+    packed = RolloutEngine(student, teacher, tokenizer, fused_step=False)
     plain = RolloutEngine(student, teacher, tokenizer, packed_weights=False)
     assert packed.packed is not None and plain.packed is None
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
@@ -185,7 +186,10 @@ def test_engine_packs_a_frozen_model_once_and_never_the_trainable_student(studen
 
 
 def test_incremental_scorer_matches_the_unpacked_one(student, teacher, tokenizer):
-    engines = [RolloutEngine(student, teacher, tokenizer, packed_weights=flag) for flag in (True, False)]
+    engines = [
+        RolloutEngine(student, teacher, tokenizer, packed_weights=flag, fused_step=False)
+        for flag in (True, False)
+    ]
     rollout = engines[1].rollout(
         PROMPTS, SamplingConfig(max_new_tokens=6), generator=torch.Generator().manual_seed(0)
     )

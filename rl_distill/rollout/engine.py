@@ -57,6 +57,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
+from rl_distill.rollout.fused_step import FusedDecodeStep, FusedSteps
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.packed import PackedWeights, trainable
 from rl_distill.rollout.prefix_cache import PrefixKVCache
@@ -437,6 +438,11 @@ class RolloutEngine:
             to rounding); packed once, the copy (the weights' bytes again) kept while the engine
             lives. A trainable model (the student) is never packed by :meth:`generate`: repacking it
             after every update cost what it gained. False: the few-row products above, or ``F.linear``.
+        fused_step: decode frozen Llama-family models on CPU (teacher sampling; the environment's
+            incremental teacher) with the fused one-token step
+            (:class:`~rl_distill.rollout.fused_step.FusedDecodeStep`: fused packed q/k/v and gate/up
+            products and a lean attention step; equal to the model's ``forward`` to rounding);
+            needs ``packed_weights``. Other models, and the trained student, take their ``forward``.
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -457,12 +463,15 @@ class RolloutEngine:
         sparse_embedding_grad: bool = True,
         dense_head_input: bool = True,
         packed_weights: bool = True,
+        fused_step: bool = True,
     ) -> None:
         self.student = student
         self.dense_head_input = dense_head_input
         self.packed_weights = packed_weights
         #: The packed weights of the decoding forwards (None: ``packed_weights=False``).
         self.packed: PackedWeights | None = PackedWeights() if packed_weights else None
+        #: The fused decode steps of frozen models (None: ``fused_step`` or ``packed_weights`` off).
+        self.fused_steps: FusedSteps | None = FusedSteps() if fused_step and packed_weights else None
         self.skinny_head = skinny_head
         self.skinny_layers = skinny_layers
         self.sparse_embedding_grad = sparse_embedding_grad
@@ -603,11 +612,14 @@ class RolloutEngine:
             # per call (about 0.1 s for the main job's student) cost about what its products gained
             # (docs/results/performance.md, section 7, item 7). A frozen one is packed once.
             packed = self.packed if isinstance(model, torch.nn.Module) and not trainable(model) else None
+            # The fused step serves a supported frozen model's steps with its own packed copies.
+            fused = None if self.fused_steps is None or packed is None else self.fused_steps.get(model)
+            packed = None if fused is not None else packed
             with (
                 skinny_output_head(model, self.skinny_head, packed=packed),
                 skinny_decoder_layers(model, self.skinny_layers, rows=len(batch), packed=packed),
             ):
-                tokens, logps, alive = self._decode(model, batch, sampling, generator)
+                tokens, logps, alive = self._decode(model, batch, sampling, generator, fused)
         finally:
             if was_training:
                 model.train()
@@ -633,8 +645,12 @@ class RolloutEngine:
         batch: PromptBatch,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
+        fused: FusedDecodeStep | None = None,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The decode loop of :meth:`generate`: per step, the sampled tokens, their log-probs, alive rows."""
+        """The decode loop of :meth:`generate`: per step, the sampled tokens, their log-probs, alive rows.
+
+        ``fused``: the model's fused one-token step (after the model's own prefill), or None.
+        """
         device = batch.input_ids.device
         stop_ids = self.stop_ids.to(device)
         bsz, vocab = len(batch), self.vocab_size
@@ -653,13 +669,14 @@ class RolloutEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
+        past, last_logits = out.past_key_values, out.logits[:, -1]
         next_pos = positions[:, -1:] + 1  # (B, 1)
         for step in range(sampling.max_new_tokens):
             if mine_done:  # lock-step padding: nothing sampled, the generator does not move
                 tok = torch.full((bsz,), self.pad_id, dtype=torch.long, device=device)
                 logp_tok = torch.zeros(bsz, dtype=torch.float32, device=device)
             else:
-                logits = out.logits[:, -1, :vocab].float()  # (B, V)
+                logits = last_logits[:, :vocab].float()  # (B, V)
                 temp = sampling.temperature if sampling.temperature > 0 else 1.0
                 if sampling.temperature == 0:
                     logp_all = torch.log_softmax(logits / temp, dim=-1)
@@ -683,13 +700,17 @@ class RolloutEngine:
                 break
             # The new token is attended to only if it is a real token (finished rows feed padding).
             mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            if fused is not None:  # appends to past in place
+                last_logits = fused(tok, next_pos[:, 0], mask, past)
+            else:
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=mask,
+                    position_ids=next_pos,
+                    past_key_values=past,
+                    use_cache=True,
+                )
+                past, last_logits = out.past_key_values, out.logits[:, -1]
             next_pos = next_pos + 1
         return tokens, logps, alive
 
@@ -912,6 +933,7 @@ class RolloutEngine:
             skinny_layers=self.skinny_layers,
             dense_head_input=self.dense_head_input,
             packed_weights=self.packed_weights,
+            fused_step=self.fused_steps if self.fused_steps is not None else False,
             # The teacher's shared-prompt-prefix cache serves the prefills too (a trainable model's
             # entries would go stale at every update: none for it).
             prefix_cache=self.prefix_cache if model is None and self.lockstep is None else None,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from rl_distill.rollout.fused_step import FusedDecodeStep, FusedSteps
 from rl_distill.rollout.packed import PackedWeights, trainable
 from rl_distill.rollout.prefix_cache import PrefixKVCache
 from rl_distill.rollout.prompts import PromptBatch, position_ids_from_mask
@@ -93,6 +94,12 @@ class IncrementalScorer:
             template's system turn is computed once, not per episode; equal to float32 rounding). Give
             it for a frozen model (the engine's teacher cache: entries are keyed by the model and its
             weight versions). None: every prefill runs the whole prompts.
+        fused_step: each step of a frozen Llama-family model on CPU runs the fused one-token step
+            (:class:`~rl_distill.rollout.fused_step.FusedDecodeStep`: fused packed q/k/v and gate/up
+            products, a lean attention; equal to the model's ``forward`` to rounding; other models
+            take their ``forward``). A :class:`~rl_distill.rollout.fused_step.FusedSteps` shares
+            its packed copies (the engine's); True: the scorer's own; False: off. Needs
+            ``packed_weights``.
     """
 
     def __init__(
@@ -106,8 +113,13 @@ class IncrementalScorer:
         dense_head_input: bool = True,
         packed_weights: bool = True,
         prefix_cache: PrefixKVCache | None = None,
+        fused_step: bool | FusedSteps = True,
     ) -> None:
         self.model = model
+        #: The fused steps (None: off).
+        self.fused_steps: FusedSteps | None = (
+            fused_step if isinstance(fused_step, FusedSteps) else FusedSteps() if fused_step else None
+        )
         self.prefix_cache = prefix_cache
         #: The packed weights of the steps (None: ``packed_weights=False``).
         self.packed: PackedWeights | None = PackedWeights() if packed_weights else None
@@ -117,14 +129,23 @@ class IncrementalScorer:
         self.skinny_head = skinny_head
         self.skinny_layers = skinny_layers
 
+    def _fused(self) -> FusedDecodeStep | None:
+        """The fused step for this model's steps, or None (off, or the model is not supported)."""
+        if self.fused_steps is None or self.packed is None:
+            return None
+        return self.fused_steps.get(self.model)
+
     @contextmanager
     def _few_row_products(self, rows: int) -> Iterator[None]:
         """The few-row head and decoder-layer products (:mod:`rl_distill.rollout.skinny_head`), as switched.
 
         ``rows``: this forward's rows (the layers are switched only in their regime).
         """
-        # Packed weights for a frozen model only (the environment's teacher), as RolloutEngine.generate.
+        # Packed weights for a frozen model only (the environment's teacher), as RolloutEngine.generate;
+        # not where the fused step serves the steps (it holds its own packed copies: one copy, not two).
         packed = self.packed if self.packed is not None and not trainable(self.model) else None
+        if packed is not None and self._fused() is not None:
+            packed = None
         with (
             skinny_output_head(self.model, self.skinny_head, packed=packed),
             skinny_decoder_layers(self.model, self.skinny_layers, rows=rows, packed=packed),
@@ -135,6 +156,9 @@ class IncrementalScorer:
         """Drop the packed weight copies (remade on the next step); also after changing weights via ``.data``."""
         if self.packed is not None:
             self.packed.clear()
+        fused = self._fused()
+        if fused is not None:
+            fused.release()
 
     def _logprobs(self, logits: Tensor) -> Tensor:
         """``(B, V_model)`` last-position logits -> ``(B, V)`` float32 log-probs."""
@@ -194,18 +218,22 @@ class IncrementalScorer:
         tokens = tokens.long().masked_fill(~active, self.pad_id)
         # The new column is attended to only where the row is active, as in RolloutEngine.generate.
         mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)  # (B, C + 1)
-        with _eval_mode(self.model), self._few_row_products(len(tokens)):
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=state.next_positions[:, None],
-                past_key_values=state.past_key_values,
-                use_cache=True,
-            )
-        state.past_key_values = out.past_key_values
+        fused = self._fused()
+        if fused is not None:  # appends to state.past_key_values in place
+            logits = fused(tokens, state.next_positions, mask, state.past_key_values)
+        else:
+            with _eval_mode(self.model), self._few_row_products(len(tokens)):
+                out = self.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=state.next_positions[:, None],
+                    past_key_values=state.past_key_values,
+                    use_cache=True,
+                )
+            state.past_key_values, logits = out.past_key_values, out.logits[:, -1]
         state.attention_mask = mask
         state.next_positions = state.next_positions + active.long()
-        state.next_logprobs = self._logprobs(out.logits[:, -1])
+        state.next_logprobs = self._logprobs(logits)
 
     def step(self, state: IncrementalState, tokens: Tensor, active: Tensor | None = None) -> Tensor:
         """Log-probs of ``tokens`` under the current state, then :meth:`advance` past them.

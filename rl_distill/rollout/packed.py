@@ -50,7 +50,15 @@ PACKED_MIN_FP32_LAYER_ROWS = 3
 #: The row count oneDNN is told to expect when packing (its layout choice for decoding batches).
 PACK_ROWS_HINT = 8
 
-__all__ = ["PACKED_MAX_ROWS", "PACKED_MIN_FP32_LAYER_ROWS", "PackedWeights", "packing_available", "trainable"]
+__all__ = [
+    "PACKED_MAX_ROWS",
+    "PACKED_MIN_FP32_LAYER_ROWS",
+    "PackedWeights",
+    "pack_weight",
+    "packed_product",
+    "packing_available",
+    "trainable",
+]
 
 
 @cache
@@ -71,6 +79,17 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return bool(torch.equal(out.float(), torch.nn.functional.linear(x, weight).float()))
+
+
+def pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """A packed copy of an ``(out, in)`` weight for products in ``dtype`` (see :func:`packed_product`)."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), PACK_ROWS_HINT)
+
+
+def packed_product(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for 2-D ``x`` (rows, in) and ``packed = pack_weight(weight, x.dtype)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def trainable(model: Any) -> bool:
@@ -152,11 +171,8 @@ class PackedWeights:
         hit = self._store.get(module)
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
-        with torch.no_grad():
-            source = weight.detach().to(dtype).contiguous()
-            packed = torch.ops.mkldnn._reorder_linear_weight(source, PACK_ROWS_HINT)
-            packed_bias = None if bias is None else bias.detach().to(dtype).contiguous()
-        del source
+        packed = pack_weight(weight, dtype)
+        packed_bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self._store[module] = (key, packed, packed_bias)
         self.packs += 1
         return packed, packed_bias
@@ -173,5 +189,5 @@ class PackedWeights:
             raise ValueError(f"no packed product for a {x.dtype} input and a {module.weight.dtype} weight")
         packed, bias = self.packed(module, dtype)
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+        out = packed_product(flat, packed, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,324 @@
+"""A fused one-token decode step for frozen Llama-family models on CPU (issue #18, the environment).
+
+The environment owes ``log pT(a_t | s_t)`` at every step, so its teacher advances one token at a time
+(:class:`~rl_distill.rollout.incremental.IncrementalScorer`). At ``B`` = 8 rows each such step is a
+few milliseconds of products per layer and, through the Hugging Face modules, as much again of small
+operations around them: the 4-D mask built anew, three separate q/k/v products, the rotary embedding
+applied to q and k apart (each with its own ``rotate_half`` copies), a norm of five operations, a
+module call per linear map. Measured on the SmolLM2-135M teacher (30 layers, B = 8, oneDNN-packed
+products on both paths) one step took about 55 ms through the model's ``forward`` and about 40 ms
+through :class:`FusedDecodeStep` (``docs/results/performance.md``, section 6).
+
+:class:`FusedDecodeStep` runs the same computation from the model's own weights, leaner:
+
+- one packed product for q, k and v together and one for the MLP's gate and up maps (their weights
+  concatenated once, :mod:`rl_distill.rollout.packed`), one for ``o_proj``, ``down_proj`` and the head;
+- the rotary embedding applied to q and k in one expression; the norms as ``F.rms_norm``;
+- the keys and values appended to the model's own ``DynamicCache`` layers (so row restarts, splices
+  and crops of :mod:`rl_distill.rollout.incremental` work on it unchanged) and one scaled-dot-product
+  attention per layer with grouped query heads, under a boolean mask over the cache.
+
+It applies only where it is exact to rounding: a model whose decoder is built of Transformers'
+Llama modules (``LlamaForCausalLM``: SmolLM2, TinyLlama, Llama 2/3 and the kept-layer students of
+:func:`rl_distill.models.make_kept_layer_student`) with plain ``nn.Linear`` maps, SiLU, full attention,
+no parameter requiring a gradient (its packed copies are made once), on CPU, in float32 or bfloat16
+where this build packs that dtype (:func:`~rl_distill.rollout.packed.packing_available`).
+:func:`unsupported_reason` says why another model falls back to its own ``forward``. The packed
+copies are remade when a weight changes (storage pointer or version counter, as
+:class:`~rl_distill.rollout.packed.PackedWeights`); they cost the weights' bytes again.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rl_distill.rollout.native import FewRowKernel, few_row_kernel
+from rl_distill.rollout.packed import pack_weight, packed_product, packing_available, trainable
+
+__all__ = ["FusedDecodeStep", "FusedSteps", "unsupported_reason"]
+
+
+def _llama_classes() -> tuple[type, ...] | None:
+    try:
+        from transformers.models.llama.modeling_llama import (
+            LlamaAttention,
+            LlamaDecoderLayer,
+            LlamaMLP,
+            LlamaRMSNorm,
+        )
+    except ImportError:  # pragma: no cover - Transformers without Llama
+        return None
+    return LlamaDecoderLayer, LlamaAttention, LlamaMLP, LlamaRMSNorm
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why :class:`FusedDecodeStep` does not apply to ``model`` (None: it does).
+
+    Args:
+        model: a causal LM (any object; only a frozen Llama-family model on CPU qualifies).
+    """
+    classes = _llama_classes()
+    if classes is None:
+        return "this Transformers has no Llama modules"
+    decoder_cls, attention_cls, mlp_cls, norm_cls = classes
+    if not isinstance(model, nn.Module):
+        return f"{type(model).__name__} is not a torch module"
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    head = getattr(model, "lm_head", None)
+    if layers is None or len(layers) == 0 or type(head) is not nn.Linear:
+        return f"{type(model).__name__} has no model.layers / plain lm_head (not a Llama-style causal LM)"
+    if not all(hasattr(body, name) for name in ("embed_tokens", "norm", "rotary_emb")):
+        return f"{type(model).__name__}.model lacks embed_tokens, norm or rotary_emb"
+    if type(body.norm) is not norm_cls or type(body.embed_tokens) is not nn.Embedding:
+        return "the final norm or the embedding is not Llama's"
+    cfg = model.config
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (only silu)"
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    if getattr(cfg, "sliding_window", None) is not None or any(
+        kind != "full_attention" for kind in (getattr(cfg, "layer_types", None) or [])
+    ):
+        return "sliding-window attention"
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if (
+            type(layer) is not decoder_cls
+            or type(attn) is not attention_cls
+            or type(mlp) is not mlp_cls
+            or type(layer.input_layernorm) is not norm_cls
+            or type(layer.post_attention_layernorm) is not norm_cls
+        ):
+            return f"layer {i} is not built of Transformers' Llama modules"
+        maps = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(type(m) is not nn.Linear for m in maps):
+            return (
+                f"layer {i} has a linear map that is not a plain nn.Linear (an adapter or a quantised layer)"
+            )
+    weight = head.weight
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device.type} (the fused step is for CPU)"
+    if any(p.dtype != weight.dtype for p in model.parameters()):
+        return "mixed parameter dtypes"
+    if not packing_available(weight.dtype):
+        return f"this PyTorch build cannot pack {weight.dtype} weights on this CPU"
+    if trainable(model):
+        return "a parameter requires a gradient (only frozen models are packed)"
+    return None
+
+
+def _version(tensor: Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return -1
+
+
+def _cat_bias(*linears: nn.Linear) -> Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat(
+        [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
+    ).contiguous()
+
+
+class _Matrix:
+    """One packed linear map of the step: the native float32 kernel where given, else oneDNN's product."""
+
+    __slots__ = ("bias", "kernel", "out_features", "packed")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, kernel: FewRowKernel | None):
+        self.kernel = kernel if dtype == torch.float32 else None
+        self.out_features = int(weight.shape[0])
+        self.packed = self.kernel.pack(weight) if self.kernel is not None else pack_weight(weight, dtype)
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.packed] + ([] if self.bias is None else [self.bias])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.kernel is not None:
+            return self.kernel.product(x, self.packed, self.out_features, self.bias)
+        return packed_product(x, self.packed, self.bias)
+
+
+class FusedDecodeStep:
+    """The one-token decode step of a frozen Llama-family model on CPU, fused (see the module docstring).
+
+    Example::
+
+        step = FusedDecodeStep(teacher)  # raises ValueError if unsupported_reason(teacher)
+        logits = step(tokens, positions, attention_mask, cache)  # (B, V_model); cache grows by one
+
+    Args:
+        model: a model for which :func:`unsupported_reason` is None.
+        native: float32 products with the native few-row kernel
+            (:func:`~rl_distill.rollout.native.few_row_kernel`) where it is available; False (or
+            where it is not): oneDNN's packed product. bfloat16 always takes oneDNN's.
+
+    Attributes:
+        packs: how many times the packed copies were made (1 unless a weight changed).
+        kernel: the native kernel used for float32 products, or None.
+
+    Raises:
+        ValueError: naming the reason when the model is not supported.
+    """
+
+    def __init__(self, model: nn.Module, *, native: bool = True) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"no fused decode step for this model: {reason}")
+        self.model = model
+        self.packs = 0
+        self.kernel: FewRowKernel | None = few_row_kernel() if native else None
+        self._params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])]
+        self._key: tuple[Any, ...] | None = None
+        self._layers: list[tuple[_Matrix, _Matrix, _Matrix, _Matrix]] = []
+        self._head: _Matrix | None = None
+        cfg = model.config
+        attn = model.model.layers[0].self_attn
+        self.head_dim = int(attn.head_dim)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(cfg.num_key_value_heads)
+        self.scaling = float(attn.scaling)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed copies (0 before the first step)."""
+        matrices = [m for layer in self._layers for m in layer] + ([self._head] if self._head else [])
+        return sum(m.nbytes for m in matrices)
+
+    def release(self) -> None:
+        """Drop the packed copies (remade on the next step)."""
+        self._layers, self._head, self._key = [], None, None
+
+    def _signature(self) -> tuple[Any, ...]:
+        return tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in self._params)
+
+    def current(self) -> bool:
+        """Whether the packed copies exist and match the model's weights (no repacking needed)."""
+        return self._key is not None and self._key == self._signature()
+
+    @torch.no_grad()
+    def _prepare(self) -> None:
+        key = self._signature()
+        if key == self._key:
+            return
+        self.release()
+        dtype, kernel = self.model.lm_head.weight.dtype, self.kernel
+        layers = []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            layers.append(
+                (
+                    _Matrix(qkv, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), dtype, kernel),
+                    _Matrix(attn.o_proj.weight, attn.o_proj.bias, dtype, kernel),
+                    _Matrix(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), dtype, kernel),
+                    _Matrix(mlp.down_proj.weight, mlp.down_proj.bias, dtype, kernel),
+                )
+            )
+            del qkv, gate_up
+        self._layers = layers
+        self._head = _Matrix(self.model.lm_head.weight, self.model.lm_head.bias, dtype, kernel)
+        self._key = key
+        self.packs += 1
+
+    @staticmethod
+    def _norm(h: Tensor, norm: nn.Module) -> Tensor:
+        """Llama's RMSNorm: in float32, cast back, times the weight (as ``LlamaRMSNorm.forward``)."""
+        if h.dtype == torch.float32:
+            return F.rms_norm(h, (h.shape[-1],), norm.weight, norm.variance_epsilon)
+        return norm.weight * F.rms_norm(h.float(), (h.shape[-1],), None, norm.variance_epsilon).to(h.dtype)
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Any) -> Tensor:
+        """Feed one token per row and return the next-token logits; appends to ``cache`` in place.
+
+        Args:
+            tokens: ``(B,)`` token ids.
+            positions: ``(B,)`` their position ids.
+            attention_mask: ``(B, C + 1)``, nonzero on the columns each row attends to: the ``C``
+                cached ones and, last, the new token's.
+            cache: the model's ``DynamicCache`` over the ``C`` columns (from a prefill of this model).
+
+        Returns:
+            ``(B, V_model)`` logits in the model's dtype, equal to the model's ``forward`` to rounding.
+        """
+        self._prepare()
+        body = self.model.model
+        bsz = tokens.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        h = body.embed_tokens(tokens[:, None])  # (B, 1, H)
+        cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, D) each, in h's dtype
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, C + 1)
+        half = dim // 2
+        for layer, cache_layer, (qkv_map, o_map, gate_up_map, down_map) in zip(
+            body.layers, cache.layers, self._layers
+        ):
+            x = self._norm(h, layer.input_layernorm)
+            qkv = qkv_map(x[:, 0])  # (B, (heads + 2 kv_heads) D)
+            qk = qkv[:, : (heads + kv_heads) * dim].view(bsz, heads + kv_heads, 1, dim)
+            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + rotated * sin
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, (heads + kv_heads) * dim :].view(bsz, kv_heads, 1, dim)
+            keys, values = cache_layer.update(k, v)
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv_heads
+            )  # (B, heads, 1, D)
+            h = h + o_map(attn.reshape(bsz, heads * dim))[:, None]
+            x = self._norm(h, layer.post_attention_layernorm)
+            gate, up = gate_up_map(x[:, 0]).chunk(2, dim=-1)
+            h = h + down_map(F.silu(gate) * up)[:, None]
+        h = self._norm(h, body.norm)
+        assert self._head is not None
+        return self._head(h[:, 0])
+
+
+class FusedSteps:
+    """The :class:`FusedDecodeStep` of each model, made on first use (None for an unsupported model).
+
+    Shared by a :class:`~rl_distill.rollout.RolloutEngine` and its incremental scorers, so that the
+    teacher's sampling and its environment steps hold one packed copy.
+
+    Args:
+        native: passed to each :class:`FusedDecodeStep` (the native float32 kernel where available).
+    """
+
+    def __init__(self, *, native: bool = True) -> None:
+        self.native = native
+        self._steps: weakref.WeakKeyDictionary[nn.Module, FusedDecodeStep] = weakref.WeakKeyDictionary()
+
+    def get(self, model: Any) -> FusedDecodeStep | None:
+        """The fused step of ``model``, or None where :func:`unsupported_reason` gives a reason.
+
+        A step whose packed copies match the model's weights is returned at once; otherwise (the
+        first call, a changed, moved or cast weight) support is checked again (about 2 ms for the
+        30-layer teacher, so not at every step).
+        """
+        if not isinstance(model, nn.Module):
+            return None
+        step = self._steps.get(model)
+        if step is not None and step.current():
+            return step
+        if unsupported_reason(model) is not None:
+            self._steps.pop(model, None)
+            return None
+        if step is None:
+            step = self._steps[model] = FusedDecodeStep(model, native=self.native)
+        return step
+
+    def clear(self) -> None:
+        """Drop every fused step and its packed copies."""
+        self._steps.clear()
