@@ -15,7 +15,9 @@ short keeps what it measured, and running a subset updates only that part):
 - ``memory``: ``benchmarks/divergence_memory.py`` on the current code (JSD(0.5) forward + backward,
   B = 8, T = 256, V = 49152; fused gradient and the old recomputing backward);
 - ``env``: ``benchmarks/env_overhead.py`` on SmolLM2 at B = 8; ``env_bf16`` (not in the default
-  sections): the same with the teacher stored in bfloat16 on both paths;
+  sections): the same with the teacher stored in bfloat16 on both paths; ``env_onednn`` and
+  ``env_forward`` (not in the default sections): the environment teacher's steps without the native
+  kernel (the fused step with oneDNN's products) and without the fused step (the model's forward);
 - ``quality``: held-out divergences after the main job, fp32 against bf16, from the ``summary.json``
   of runs made with ``rl-distill train`` (``--quality-dir``, folders named ``{fp32,bf16}_s{SEED}``).
 
@@ -55,7 +57,7 @@ from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import TRL_METHODS, BenchSpec  # noqa: E402
 from rl_distill.rollout.packed import PACK_ROWS_HINT  # noqa: E402
 
-SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality", "env_bf16")
+SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality", "env_bf16", "env_onednn", "env_forward")
 DEFAULT_OUT = H.ROOT / "benchmarks" / "results" / "perf_round2.json"
 
 #: The step configurations: name -> (method, spec overrides, group). Groups run one after the other
@@ -574,14 +576,17 @@ def run_memory(tiny: bool, threads: int) -> dict[str, Any]:
     )
 
 
-def run_env(tiny: bool, threads: int, repeats: int, teacher_dtype: str = "float32") -> dict[str, Any]:
+def run_env(
+    tiny: bool, threads: int, repeats: int, teacher_dtype: str = "float32", teacher_step: str = "fused"
+) -> dict[str, Any]:
     """``env_overhead`` at B = 8 (SmolLM2 and its 6-layer student; ``tiny``: the tiny models).
 
     ``teacher_dtype="bfloat16"`` (section ``env_bf16``): the teacher stored in bfloat16 on both paths
     (``model.teacher_dtype``), the environment's per-token teacher steps streaming half the bytes.
+    ``teacher_step``: ``env_overhead --teacher-step`` (sections ``env_onednn``, ``env_forward``).
     """
     argv = ["--batch-size", "8", "--repeats", str(repeats), "--warmup", "1", "--threads", str(threads)]
-    argv += ["--teacher-dtype", teacher_dtype]
+    argv += ["--teacher-dtype", teacher_dtype, "--teacher-step", teacher_step]
     if tiny:
         argv += [
             "--tiny-hidden",
@@ -701,6 +706,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     section("memory", lambda: run_memory(tiny, args.threads))
     section("env", lambda: run_env(tiny, args.threads, args.env_repeats))
     section("env_bf16", lambda: run_env(tiny, args.threads, args.env_repeats, "bfloat16"))
+    section("env_onednn", lambda: run_env(tiny, args.threads, args.env_repeats, teacher_step="onednn"))
+    section("env_forward", lambda: run_env(tiny, args.threads, args.env_repeats, teacher_step="forward"))
     if "steps" in args.sections:
         configs = plan_specs(base, args.big_steps)
         if args.configs:

@@ -721,8 +721,37 @@ def env_block(results: Path = RESULTS) -> str:
             f"after {s['warmup']} warm-up; 1-minute load average before {env['machine']['load_average_before_after'][0][0]:.2f}, "
             f"after {env['machine']['load_average_before_after'][1][0]:.2f}).",
             *_env_bf16_lines(data.get("env_bf16"), env),
+            *_env_variant_lines(data, env),
         ]
     )
+
+
+#: The environment teacher's step variants measured apart (``env_overhead --teacher-step``).
+ENV_VARIANTS = (
+    ("env_onednn", "without the native kernel (the fused step with oneDNN's packed products)"),
+    ("env_forward", "without the fused step (the model's own forward, per-module packed weights)"),
+)
+
+
+def _env_variant_lines(data: dict[str, Any], env: dict[str, Any]) -> list[str]:
+    """Sections ``env_onednn`` / ``env_forward``: the same benchmark with a lever of the teacher's step off."""
+    cells = []
+    for name, label in ENV_VARIANTS:
+        v = data.get(name)
+        if v is None:
+            continue
+        cells.append(
+            f"{label} (section `{name}`): env.step {v['env']['env_step']:.3f} s per round against "
+            f"{env['env']['env_step']:.3f} s, env / floor **{_x(v['time_ratio_env_over_floor'])}**"
+        )
+    if not cells:
+        return []
+    return [
+        "",
+        "The same run with one lever of the environment teacher's step switched off: "
+        + "; ".join(cells)
+        + ".",
+    ]
 
 
 def _env_bf16_lines(bf16: dict[str, Any] | None, fp32: dict[str, Any]) -> list[str]:
@@ -883,7 +912,38 @@ def levers_block(results: Path = RESULTS) -> str:
             + ". Kept (shipped, `RolloutEngine(dense_head_input=True)`; config `train.dense_head_input`)."
         )
     out += _packed_lever(results)
+    out += _fused_step_lever(data)
     return "\n".join(out)
+
+
+def _fused_step_lever(data: dict[str, Any]) -> list[str]:
+    """Item 8: the fused decode step and the native few-row kernel (sections env, env_onednn, env_forward)."""
+    env, onednn, forward = data.get("env"), data.get("env_onednn"), data.get("env_forward")
+    if not (env and onednn and forward):
+        return []
+    tokens = env["setup"]["max_new_tokens"]
+
+    def per_step(d: dict[str, Any]) -> str:
+        return f"{d['env']['env_step'] / tokens * 1e3:.0f} ms"
+
+    used = env["setup"].get("native_kernel_used")
+    return [
+        "8. **The environment teacher's fused decode step and the native few-row kernel** "
+        "(`rl_distill/rollout/fused_step.py`: the one-token step of a frozen Llama-family model from its own "
+        "weights, with q/k/v and gate/up fused into one packed product each, the rotary embedding, norms and "
+        "attention without the per-module overhead, the keys and values appended to the model's own cache; "
+        "`rl_distill/rollout/native.py` + `few_rows.c`: a float32 product over a panel-packed weight, 8 rows x 48 "
+        "columns of accumulators, compiled on first use). Measured in section 6's benchmark, env.step per token "
+        f"(B = {env['setup']['batch_size']}, SmolLM2 teacher): the model's forward {per_step(forward)} "
+        f"(env / floor {_x(forward['time_ratio_env_over_floor'])}), the fused step with oneDNN's products "
+        f"{per_step(onednn)} ({_x(onednn['time_ratio_env_over_floor'])}), the fused step with the native kernel "
+        f"{per_step(env)} ({_x(env['time_ratio_env_over_floor'])})"
+        + ("" if used else " (the native kernel was not available in that run)")
+        + ". Kept (shipped): `RolloutEngine(fused_step=True)`, config `train.fused_decode_step`; the kernel is "
+        "used wherever it builds and passes its check (`RL_DISTILL_NATIVE_KERNELS=0` switches it off); "
+        "bfloat16 teachers take oneDNN's bfloat16 products. Not for the trained student (its weights change "
+        "at every update; item 7)."
+    ]
 
 
 def _packed_lever(results: Path) -> list[str]:

@@ -186,3 +186,27 @@ def test_switches_reach_the_engine():
     assert RolloutEngine(model, model, tok).fused_steps is not None
     assert RolloutEngine(model, model, tok, fused_step=False).fused_steps is None
     assert RolloutEngine(model, model, tok, packed_weights=False).fused_steps is None  # needs packing
+
+
+def test_cache_columns_are_appended_in_place_and_rebuilt_after_outside_changes(tokenizer):
+    model = llama(tokenizer)
+    engine, fused, plain = scorers(model, tokenizer)
+    states = [s.start(engine.encode(PROMPTS)) for s in (fused, plain)]
+    tokens = torch.full((len(PROMPTS),), 9)
+    for s, st in zip((fused, plain), states):
+        s.advance(st, tokens)
+    layer = states[0].past_key_values.layers[0]
+    buffer = layer._rl_distill_buffers[0]
+    assert layer.keys.data_ptr() == buffer.data_ptr() and buffer.shape[2] > layer.keys.shape[2]
+    for s, st in zip((fused, plain), states):
+        s.advance(st, tokens)
+    assert layer._rl_distill_buffers[0] is buffer  # one column written, nothing copied
+    for s, st in zip((fused, plain), states):  # a restart replaces the layer's tensors
+        s.restart(st, [0], engine.encode(["a prompt longer than any of the first ones"]))
+        s.advance(st, tokens)
+    assert layer._rl_distill_buffers[0] is not buffer
+    for got, want in zip(states[0].past_key_values.layers, states[1].past_key_values.layers):
+        assert got.keys.shape == want.keys.shape
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(states[0].next_logprobs, states[1].next_logprobs, rtol=0, atol=1e-5)

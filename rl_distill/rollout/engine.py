@@ -701,7 +701,7 @@ class RolloutEngine:
             # The new token is attended to only if it is a real token (finished rows feed padding).
             mask = torch.cat([mask, alive[-1].long()[:, None]], dim=1)
             if fused is not None:  # appends to past in place
-                last_logits = fused(tok, next_pos[:, 0], mask, past)
+                last_logits = fused(tok, next_pos[:, 0], mask, past, check=False)
             else:
                 out = model(
                     input_ids=tok[:, None],

@@ -241,7 +241,9 @@ class FusedDecodeStep:
         return norm.weight * F.rms_norm(h.float(), (h.shape[-1],), None, norm.variance_epsilon).to(h.dtype)
 
     @torch.no_grad()
-    def __call__(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Any) -> Tensor:
+    def __call__(
+        self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Any, *, check: bool = True
+    ) -> Tensor:
         """Feed one token per row and return the next-token logits; appends to ``cache`` in place.
 
         Args:
@@ -250,18 +252,26 @@ class FusedDecodeStep:
             attention_mask: ``(B, C + 1)``, nonzero on the columns each row attends to: the ``C``
                 cached ones and, last, the new token's.
             cache: the model's ``DynamicCache`` over the ``C`` columns (from a prefill of this model).
+            check: compare the packed copies with the model's weights first and remake them if a
+                weight changed; False only right after :meth:`FusedSteps.get` returned this step (it
+                checked).
 
         Returns:
             ``(B, V_model)`` logits in the model's dtype, equal to the model's ``forward`` to rounding.
         """
-        self._prepare()
+        if check or self._key is None:
+            self._prepare()
         body = self.model.model
         bsz = tokens.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         h = body.embed_tokens(tokens[:, None])  # (B, 1, H)
         cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, D) each, in h's dtype
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, C + 1)
+        # One additive mask for every layer (SDPA would convert a boolean one in each).
+        mask = torch.zeros(attention_mask.shape, dtype=h.dtype).masked_fill_(
+            attention_mask == 0, float("-inf")
+        )
+        mask = mask[:, None, None, :]  # (B, 1, 1, C + 1)
         half = dim // 2
         for layer, cache_layer, (qkv_map, o_map, gate_up_map, down_map) in zip(
             body.layers, cache.layers, self._layers
@@ -273,7 +283,7 @@ class FusedDecodeStep:
             qk = qk * cos + rotated * sin
             q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, (heads + kv_heads) * dim :].view(bsz, kv_heads, 1, dim)
-            keys, values = cache_layer.update(k, v)
+            keys, values = _append(cache_layer, k, v)
             attn = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv_heads
             )  # (B, heads, 1, D)
@@ -284,6 +294,44 @@ class FusedDecodeStep:
         h = self._norm(h, body.norm)
         assert self._head is not None
         return self._head(h[:, 0])
+
+
+#: Spare columns allocated when a cache layer's buffer is (re)made (see :func:`_append`).
+SPARE_COLUMNS = 64
+
+
+def _append(cache_layer: Any, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Append one column of keys and values to a ``DynamicCache`` layer; return its keys and values.
+
+    The layer's ``keys``/``values`` become views of buffers with spare columns (kept on the layer),
+    so that a step writes one column instead of copying the whole cache (``torch.cat``). Whenever
+    the layer's tensors are not exactly the leading columns of its buffers (a prefill, a row
+    restart, a crop, any assignment by other code) or the buffers are full, new buffers are made
+    from the layer's current tensors. Other code sees ordinary ``(B, H, C, D)`` tensors.
+    """
+    keys, values = cache_layer.keys, cache_layer.values
+    used = keys.shape[2]
+    buffers = getattr(cache_layer, "_rl_distill_buffers", None)
+    fits = (
+        buffers is not None
+        and buffers[0].shape[2] > used
+        and keys.data_ptr() == buffers[0].data_ptr()
+        and values.data_ptr() == buffers[1].data_ptr()
+        and keys.shape[:2] == buffers[0].shape[:2]
+        and keys.stride() == buffers[0].stride()
+        and values.stride() == buffers[1].stride()
+        and keys.dtype == k.dtype
+    )
+    if not fits:
+        shape = (*keys.shape[:2], used + SPARE_COLUMNS, keys.shape[3])
+        buffers = (keys.new_empty(shape), values.new_empty(shape))
+        buffers[0][:, :, :used] = keys
+        buffers[1][:, :, :used] = values
+        cache_layer._rl_distill_buffers = buffers
+    buffers[0][:, :, used : used + 1] = k
+    buffers[1][:, :, used : used + 1] = v
+    cache_layer.keys, cache_layer.values = buffers[0][:, :, : used + 1], buffers[1][:, :, : used + 1]
+    return cache_layer.keys, cache_layer.values
 
 
 class FusedSteps:
@@ -305,7 +353,8 @@ class FusedSteps:
 
         A step whose packed copies match the model's weights is returned at once; otherwise (the
         first call, a changed, moved or cast weight) support is checked again (about 2 ms for the
-        30-layer teacher, so not at every step).
+        30-layer teacher, so not at every step) and the copies are remade. The returned step is
+        current: call it with ``check=False`` until the weights may change again.
         """
         if not isinstance(model, nn.Module):
             return None
@@ -317,6 +366,7 @@ class FusedSteps:
             return None
         if step is None:
             step = self._steps[model] = FusedDecodeStep(model, native=self.native)
+        step._prepare()  # (re)packs: the step is current when returned
         return step
 
     def clear(self) -> None:

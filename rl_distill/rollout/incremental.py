@@ -220,7 +220,7 @@ class IncrementalScorer:
         mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)  # (B, C + 1)
         fused = self._fused()
         if fused is not None:  # appends to state.past_key_values in place
-            logits = fused(tokens, state.next_positions, mask, state.past_key_values)
+            logits = fused(tokens, state.next_positions, mask, state.past_key_values, check=False)
         else:
             with _eval_mode(self.model), self._few_row_products(len(tokens)):
                 out = self.model(
