@@ -183,6 +183,8 @@ class FusedDecodeStep:
         self._key: tuple[Any, ...] | None = None
         self._layers: list[tuple[_Matrix, _Matrix, _Matrix, _Matrix]] = []
         self._head: _Matrix | None = None
+        self._norms: list[tuple[tuple[Tensor, float], tuple[Tensor, float]]] = []
+        self._final_norm: tuple[Tensor, float] | None = None
         cfg = model.config
         attn = model.model.layers[0].self_attn
         self.head_dim = int(attn.head_dim)
@@ -230,15 +232,26 @@ class FusedDecodeStep:
             del qkv, gate_up
         self._layers = layers
         self._head = _Matrix(self.model.lm_head.weight, self.model.lm_head.bias, dtype, kernel)
+        # The norms' weights and epsilons, looked up once (module attribute lookups cost per step).
+        self._norms = [
+            (
+                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+            )
+            for layer in self.model.model.layers
+        ]
+        norm = self.model.model.norm
+        self._final_norm = (norm.weight, norm.variance_epsilon)
         self._key = key
         self.packs += 1
 
     @staticmethod
-    def _norm(h: Tensor, norm: nn.Module) -> Tensor:
-        """Llama's RMSNorm: in float32, cast back, times the weight (as ``LlamaRMSNorm.forward``)."""
+    def _norm(h: Tensor, norm: tuple[Tensor, float]) -> Tensor:
+        """Llama's RMSNorm (weight, epsilon): in float32, cast back, times the weight (``LlamaRMSNorm``)."""
+        weight, eps = norm
         if h.dtype == torch.float32:
-            return F.rms_norm(h, (h.shape[-1],), norm.weight, norm.variance_epsilon)
-        return norm.weight * F.rms_norm(h.float(), (h.shape[-1],), None, norm.variance_epsilon).to(h.dtype)
+            return F.rms_norm(h, (h.shape[-1],), weight, eps)
+        return weight * F.rms_norm(h.float(), (h.shape[-1],), None, eps).to(h.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -273,10 +286,10 @@ class FusedDecodeStep:
         )
         mask = mask[:, None, None, :]  # (B, 1, 1, C + 1)
         half = dim // 2
-        for layer, cache_layer, (qkv_map, o_map, gate_up_map, down_map) in zip(
-            body.layers, cache.layers, self._layers
+        for (norm_in, norm_post), cache_layer, (qkv_map, o_map, gate_up_map, down_map) in zip(
+            self._norms, cache.layers, self._layers
         ):
-            x = self._norm(h, layer.input_layernorm)
+            x = self._norm(h, norm_in)
             qkv = qkv_map(x[:, 0])  # (B, (heads + 2 kv_heads) D)
             qk = qkv[:, : (heads + kv_heads) * dim].view(bsz, heads + kv_heads, 1, dim)
             rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
@@ -288,10 +301,10 @@ class FusedDecodeStep:
                 q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv_heads
             )  # (B, heads, 1, D)
             h = h + o_map(attn.reshape(bsz, heads * dim))[:, None]
-            x = self._norm(h, layer.post_attention_layernorm)
+            x = self._norm(h, norm_post)
             gate, up = gate_up_map(x[:, 0]).chunk(2, dim=-1)
             h = h + down_map(F.silu(gate) * up)[:, None]
-        h = self._norm(h, body.norm)
+        h = self._norm(h, self._final_norm)
         assert self._head is not None
         return self._head(h[:, 0])
 
