@@ -43,3 +43,31 @@ def test_bf16_teacher_only_the_teacher_changes_dtype():
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in student.parameters()} == {torch.float32}  # kept layers copied before the cast
     assert isinstance(args, argparse.Namespace) and prompts
+
+
+def test_teacher_step_variants_are_recorded_and_reported(tmp_path):
+    """``--teacher-step``: the shipped fused step, the fused step on oneDNN, the model's forward; the report's lines."""
+    from benchmarks import report_round2
+    from rl_distill.rollout.native import few_row_kernel
+
+    bench = load_benchmark()
+    threads = torch.get_num_threads()
+    base = ["--tiny-hidden", "16", "--tiny-layers", "2", "--student-layers", "1", "--batch-size", "2"]
+    base += ["--max-new-tokens", "3", "--warmup", "0", "--repeats", "1", "--threads", "1"]
+    sections = {}
+    try:
+        for name, step in (("env", "fused"), ("env_onednn", "onednn"), ("env_forward", "forward")):
+            sections[name] = bench.main([*base, "--teacher-step", step])
+    finally:
+        torch.set_num_threads(threads)
+    setups = {name: r["setup"] for name, r in sections.items()}
+    assert setups["env"]["fused_step_used"] and setups["env_onednn"]["fused_step_used"]
+    assert not setups["env_forward"]["fused_step_used"]
+    assert setups["env"]["native_kernel_used"] == (few_row_kernel() is not None)
+    assert not setups["env_onednn"]["native_kernel_used"] and not setups["env_forward"]["native_kernel_used"]
+    (tmp_path / "perf_round2.json").write_text(json.dumps(sections))
+    block = report_round2.env_block(tmp_path)
+    assert "section `env_onednn`" in block and "section `env_forward`" in block
+    lever = report_round2._fused_step_lever(sections)
+    assert len(lever) == 1 and lever[0].startswith("8. **The environment teacher's fused decode step")
+    assert report_round2._fused_step_lever({"env": sections["env"]}) == []

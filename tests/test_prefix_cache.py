@@ -139,3 +139,27 @@ def test_incremental_prefill_reuses_the_prefix_and_scores_the_same(student, teac
                 s.restart(st, [2, 0], e.encode(fresh))
             torch.testing.assert_close(states[0].next_logprobs, states[1].next_logprobs, rtol=0, atol=1e-5)
     assert on.prefix_cache.misses == 1 and on.prefix_cache.hits == 1  # the start computed, the restart reused
+
+
+def test_packed_rows_prefill_equals_the_padded_one(student, teacher, tokenizer):
+    """``prompt_forward(packed_rows=True)``: only the real tokens run, same logits, mask and cache layout."""
+    engine = RolloutEngine(student, teacher, tokenizer)
+    batch = engine.encode(PROMPTS)
+    mask = batch.attention_mask.long()
+    cache = PrefixKVCache()
+    (packed, packed_mask), (padded, padded_mask) = (
+        cache.prompt_forward(engine.teacher, batch.input_ids, mask, packed_rows=flag) for flag in (True, False)
+    )
+    assert type(packed).__name__ == "_PrefillOutput" and type(padded).__name__ != "_PrefillOutput"
+    assert torch.equal(packed_mask, padded_mask) and bool((packed_mask == 0).any())  # rows were padded
+    assert packed.logits.shape == (len(PROMPTS), 1, padded.logits.shape[-1])
+    torch.testing.assert_close(packed.logits[:, -1], padded.logits[:, -1], rtol=0, atol=1e-5)
+    real = packed_mask.bool()[:, None, :, None]  # (B, 1, C, 1)
+    for got, want in zip(packed.past_key_values.layers, padded.past_key_values.layers):
+        assert got.keys.shape == want.keys.shape and got.values.shape == want.values.shape
+        for g, w in ((got.keys, want.keys), (got.values, want.values)):
+            torch.testing.assert_close(g * real, w * real, rtol=0, atol=1e-5)
+            assert not bool((g * ~real).any())  # padding columns are zeros (masked out either way)
+    one = engine.encode(PROMPTS[:1])  # a single row has no padding: the plain path
+    out, _ = cache.prompt_forward(engine.teacher, one.input_ids, one.attention_mask.long(), packed_rows=True)
+    assert type(out).__name__ != "_PrefillOutput"

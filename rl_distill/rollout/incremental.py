@@ -180,7 +180,13 @@ class IncrementalScorer:
             reused = (
                 None
                 if self.prefix_cache is None
-                else self.prefix_cache.prompt_forward(self.model, prompts.input_ids, mask)
+                else self.prefix_cache.prompt_forward(
+                    # Real tokens only where the fused step serves the model (a frozen Llama).
+                    self.model,
+                    prompts.input_ids,
+                    mask,
+                    packed_rows=self._fused() is not None,
+                )
             )
             if reused is not None:
                 out, mask = reused  # mask: the shared prefix's columns, then each row's rest

@@ -153,7 +153,7 @@ class PrefixKVCache:
         return logits[..., :vocab_size] if logits.shape[-1] != vocab_size else logits
 
     def prompt_forward(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, packed_rows: bool = False
     ) -> tuple[Any, Tensor] | None:
         """The prefill of left-padded prompts (``use_cache=True``, ``logits_to_keep=1``) after the cached prefix.
 
@@ -162,14 +162,26 @@ class PrefixKVCache:
         rows (``L + W'`` columns, fresh tensors, one per row); the returned mask is its attention mask
         (a shorter row's padding sits between the prefix and its tokens; position ids follow the mask).
 
+        Args:
+            model: the frozen teacher.
+            input_ids: ``(B, P)`` left-padded prompts.
+            attention_mask: ``(B, P)``.
+            packed_rows: run only the rows' real tokens, packed into one sequence with a
+                block-causal mask (:func:`_packed_rows_forward`: no products on padding; the model must
+                take a 4-D attention mask and index ``logits_to_keep``, as Transformers' Llama does);
+                the returned cache and mask have the same layout.
+
         Returns:
             ``(model output, (B, L + W') attention mask)``, or None: run the plain prefill instead.
+            The output has ``logits`` ``(B, 1, V)`` and ``past_key_values``.
         """
         found = self._prefix_kv(model, input_ids, attention_mask, input_ids.shape[1])
         if found is None:
             return None
         length, kv = found
         ids, row_mask = _after_prefix(input_ids, attention_mask, 0, length)
+        if packed_rows and len(ids) > 1 and bool((row_mask == 0).any()):
+            return _packed_rows_forward(model, ids, row_mask, length, kv)
         return _forward_after(model, ids, row_mask, length, kv, keep=1)
 
     def _prefix_kv(
@@ -233,6 +245,67 @@ def _forward_after(
         logits_to_keep=keep,
     )
     return out, full_mask
+
+
+class _PrefillOutput:
+    """What the prefill's callers read of a model output: ``logits`` and ``past_key_values``."""
+
+    def __init__(self, logits: Tensor, past_key_values: Any) -> None:
+        self.logits = logits
+        self.past_key_values = past_key_values
+
+
+def _packed_rows_forward(
+    model: Any, ids: Tensor, row_mask: Tensor, length: int, kv: list[tuple[Tensor, Tensor]]
+) -> tuple[_PrefillOutput, Tensor]:
+    """:func:`_forward_after` with ``keep=1`` for left-padded rows, computing their real tokens only.
+
+    The ``N`` real tokens of the ``B`` rows are run as one sequence after the prefix, under a 4-D
+    mask that lets each token see the prefix and its own row's earlier tokens (block-causal), with
+    each row's own position ids. The keys and values are then laid out as the padded forward's
+    (``(B, H, L + W, D)``, each row right-aligned, zeros on padding) and the logits of each row's
+    last token returned, so callers cannot tell the two apart (equal to float32 rounding).
+    """
+    from transformers import DynamicCache
+
+    bsz, width = ids.shape
+    real = row_mask.bool()
+    counts = real.sum(-1)  # (B,) tokens per row
+    rows = torch.repeat_interleave(torch.arange(bsz, device=ids.device), counts)  # (N,) row of each token
+    starts = torch.cumsum(counts, 0) - counts  # (B,) first packed index of each row
+    offsets = torch.arange(len(rows), device=ids.device) - starts[rows]  # (N,) index within its row
+    packed = ids[real][None]  # (1, N): row-major order, each row's tokens in order
+    dtype = model.get_input_embeddings().weight.dtype
+    same_row = rows[:, None] == rows[None, :]
+    visible = torch.cat(
+        [
+            torch.ones(len(rows), length, dtype=torch.bool, device=ids.device),
+            same_row & (offsets[None] <= offsets[:, None]),
+        ],
+        dim=1,
+    )  # (N, L + N)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device).masked_fill_(~visible, float("-inf"))
+    out = model(
+        input_ids=packed,
+        attention_mask=mask[None, None],
+        position_ids=(length + offsets)[None],
+        past_key_values=_expanded_cache(kv, length, 1),
+        use_cache=True,
+        logits_to_keep=starts + counts - 1,  # each row's last token
+    )
+    columns = length + width - counts[rows] + offsets  # (N,) each token's column in the padded layout
+    layers = []
+    for layer in out.past_key_values.layers:
+        made = []
+        for tensor in (layer.keys, layer.values):  # (1, H, L + N, D)
+            full = tensor.new_zeros(bsz, tensor.shape[1], length + width, tensor.shape[3])
+            full[:, :, :length] = tensor[:, :, :length]
+            full[rows, :, columns] = tensor[0, :, length:].transpose(0, 1)  # (N, H, D) into place
+            made.append(full)
+        layers.append((made[0], made[1]))
+    full_mask = torch.cat([row_mask.new_ones(bsz, length), row_mask], dim=1)
+    logits = out.logits[0][:, None]  # (B, 1, V)
+    return _PrefillOutput(logits, DynamicCache(ddp_cache_data=layers)), full_mask
 
 
 def _expanded_cache(kv: list[tuple[Tensor, Tensor]], length: int, rows: int) -> Any:
