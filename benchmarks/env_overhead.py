@@ -154,6 +154,10 @@ def env_round(
                 )
         student_s += t1 - t0 + time.perf_counter() - t2
     seconds = time.perf_counter() - start
+    if engine.fused_steps is not None:
+        # The student is updated after each rollout in training: its packed copies go, as the floor's
+        # generate drops them after each call, so that both paths pack it once per round.
+        engine.fused_steps.release(engine.student)
     return {
         "seconds": seconds,
         "tokens": float(len(prompts) * max_new_tokens),

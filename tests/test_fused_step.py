@@ -14,7 +14,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rl_distill.config import TrainConfig
 from rl_distill.models import char_tokenizer, tiny_llama
 from rl_distill.rollout import RolloutEngine, SamplingConfig
-from rl_distill.rollout.fused_step import FusedDecodeStep, FusedSteps, unsupported_reason
+from rl_distill.rollout.fused_step import (
+    MIN_TOKENS_TO_PACK_TRAINED,
+    FusedDecodeStep,
+    FusedSteps,
+    unsupported_reason,
+)
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.packed import packing_available
 
@@ -103,7 +108,7 @@ def test_bfloat16_model_steps_equal_its_forward_to_bfloat16_rounding(tokenizer):
     assert states[0].past_key_values.layers[0].keys.dtype == torch.bfloat16
 
 
-def test_generate_of_a_frozen_model_uses_the_fused_step_and_equals_the_forward(tokenizer):
+def test_generate_uses_the_fused_step_and_equals_the_forward(tokenizer):
     teacher = llama(tokenizer)
     student = tiny_llama(len(tokenizer) + 3, hidden_size=32, num_layers=1, seed=5)  # trainable
     on = RolloutEngine(student, teacher, tokenizer)
@@ -117,10 +122,18 @@ def test_generate_of_a_frozen_model_uses_the_fused_step_and_equals_the_forward(t
     on.generate(PROMPTS, sampling, model=teacher)
     assert step.packs == 1  # packed once, kept
     assert on.packed is not None and len(on.packed) == 0  # no second, per-module copy
-    # The trainable student is never fused (nor packed): bit for bit the plain rollout.
+    # The trainable student: a short decode is not fused (nor packed): bit for bit the plain rollout.
     got, want = on.generate(PROMPTS, sampling), off.generate(PROMPTS, sampling)
     assert torch.equal(got.completion_ids, want.completion_ids) and torch.equal(got.logprobs, want.logprobs)
-    assert on.fused_steps.get(student) is None
+    assert student not in on.fused_steps._steps
+    # A long enough one is, packed anew in each call and released after it (its weights will change).
+    longer = SamplingConfig(max_new_tokens=MIN_TOKENS_TO_PACK_TRAINED, temperature=0.0)
+    for _ in range(2):
+        got, want = on.generate(PROMPTS, longer), off.generate(PROMPTS, longer)
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    trained = on.fused_steps._steps[student]
+    assert trained.packs == 2 and trained.nbytes == 0
     # The engine's incremental scorer shares the engine's fused steps.
     assert on.incremental_scorer().fused_steps is on.fused_steps
 
@@ -144,19 +157,21 @@ def test_a_changed_weight_is_repacked_and_an_unfrozen_model_falls_back(tokenizer
     assert (after[1] - before[1]).abs().max() > 1e-3  # the change matters
     torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-5)
     assert fused.fused_steps.get(model).packs == 2
-    model.requires_grad_(True)  # unfrozen and changed: the step is no longer taken
+    model.requires_grad_(True)  # a trained model: repacked after each change as well
     with torch.no_grad():
         model.lm_head.weight.add_(0.1)
-    assert fused.fused_steps.get(model) is None
     got = both_steps()
     torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-5)
+    assert fused.fused_steps.get(model).packs == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the model's own forward
+        assert fused.fused_steps.get(model) is None
 
 
 def test_unsupported_models_are_named_and_refused(tokenizer):
     assert unsupported_reason(llama(tokenizer)) is None
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).requires_grad_(False)
     assert "not a Llama-style" in unsupported_reason(gpt2)
-    assert "requires a gradient" in unsupported_reason(llama(tokenizer).requires_grad_(True))
+    assert unsupported_reason(llama(tokenizer).requires_grad_(True)) is None  # trained models qualify too
     adapted = llama(tokenizer)
 
     class Adapter(nn.Linear):
@@ -173,8 +188,8 @@ def test_unsupported_models_are_named_and_refused(tokenizer):
     gelu.config.hidden_act = "gelu"
     assert "hidden_act" in unsupported_reason(gelu)
     assert "not a torch module" in unsupported_reason(object())
-    with pytest.raises(ValueError, match="no fused decode step for this model: .*requires a gradient"):
-        FusedDecodeStep(llama(tokenizer).requires_grad_(True))
+    with pytest.raises(ValueError, match="no fused decode step for this model: .*sliding-window"):
+        FusedDecodeStep(windowed)
     assert FusedSteps().get(gpt2) is None
 
 

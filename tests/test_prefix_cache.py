@@ -148,7 +148,8 @@ def test_packed_rows_prefill_equals_the_padded_one(student, teacher, tokenizer):
     mask = batch.attention_mask.long()
     cache = PrefixKVCache()
     (packed, packed_mask), (padded, padded_mask) = (
-        cache.prompt_forward(engine.teacher, batch.input_ids, mask, packed_rows=flag) for flag in (True, False)
+        cache.prompt_forward(engine.teacher, batch.input_ids, mask, packed_rows=flag)
+        for flag in (True, False)
     )
     assert type(packed).__name__ == "_PrefillOutput" and type(padded).__name__ != "_PrefillOutput"
     assert torch.equal(packed_mask, padded_mask) and bool((packed_mask == 0).any())  # rows were padded

@@ -57,7 +57,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_distill.models.loading import VocabInfo, check_pair
-from rl_distill.rollout.fused_step import FusedDecodeStep, FusedSteps
+from rl_distill.rollout.fused_step import MIN_TOKENS_TO_PACK_TRAINED, FusedDecodeStep, FusedSteps
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.packed import PackedWeights, trainable
 from rl_distill.rollout.prefix_cache import PrefixKVCache
@@ -438,11 +438,14 @@ class RolloutEngine:
             to rounding); packed once, the copy (the weights' bytes again) kept while the engine
             lives. A trainable model (the student) is never packed by :meth:`generate`: repacking it
             after every update cost what it gained. False: the few-row products above, or ``F.linear``.
-        fused_step: decode frozen Llama-family models on CPU (teacher sampling; the environment's
-            incremental teacher) with the fused one-token step
+        fused_step: decode Llama-family models on CPU outside autocast with the fused one-token step
             (:class:`~rl_distill.rollout.fused_step.FusedDecodeStep`: fused packed q/k/v and gate/up
-            products and a lean attention step; equal to the model's ``forward`` to rounding);
-            needs ``packed_weights``. Other models, and the trained student, take their ``forward``.
+            products, the native float32 kernel where it builds, a lean attention step; equal to the
+            model's ``forward`` to rounding); needs ``packed_weights``. A frozen model (teacher
+            sampling, the environment's incremental teacher) is packed once; the trained student is
+            packed anew in each :meth:`generate` of at least
+            :data:`~rl_distill.rollout.fused_step.MIN_TOKENS_TO_PACK_TRAINED` tokens and its copies
+            dropped after the call. Other models take their ``forward``.
 
     Raises:
         TokenizerMismatchError: if a model's logit width is smaller than the vocabulary.
@@ -608,12 +611,18 @@ class RolloutEngine:
         was_training = model.training
         model.eval()
         try:
-            # A trainable model is not packed: its weights change at every update, and packing it anew
-            # per call (about 0.1 s for the main job's student) cost about what its products gained
+            # Per-module packing for a frozen model only: packing a trainable one anew per call (about
+            # 0.1 s for the main job's student) cost about what oneDNN's products gained
             # (docs/results/performance.md, section 7, item 7). A frozen one is packed once.
-            packed = self.packed if isinstance(model, torch.nn.Module) and not trainable(model) else None
-            # The fused step serves a supported frozen model's steps with its own packed copies.
-            fused = None if self.fused_steps is None or packed is None else self.fused_steps.get(model)
+            frozen = isinstance(model, torch.nn.Module) and not trainable(model)
+            packed = self.packed if frozen else None
+            # The fused step (its own packed copies) for a supported model: a frozen one kept packed, a
+            # trained one packed anew after each update when the decode is long enough to repay it.
+            fused = None
+            if self.fused_steps is not None and (
+                frozen or sampling.max_new_tokens >= MIN_TOKENS_TO_PACK_TRAINED
+            ):
+                fused = self.fused_steps.get(model)
             packed = None if fused is not None else packed
             with (
                 skinny_output_head(model, self.skinny_head, packed=packed),
@@ -623,6 +632,8 @@ class RolloutEngine:
         finally:
             if was_training:
                 model.train()
+            if not frozen and self.fused_steps is not None:
+                self.fused_steps.release(model)  # a trained model's copies go stale at its next update
         # Lock-step padding steps come after this process's last real token: cut them off, so the
         # rollout is the one this process would have sampled alone.
         width = (

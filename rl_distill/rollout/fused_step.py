@@ -1,31 +1,34 @@
-"""A fused one-token decode step for frozen Llama-family models on CPU (issue #18, the environment).
+"""A fused one-token decode step for Llama-family models on CPU (issue #18).
 
-The environment owes ``log pT(a_t | s_t)`` at every step, so its teacher advances one token at a time
-(:class:`~rl_distill.rollout.incremental.IncrementalScorer`). At ``B`` = 8 rows each such step is a
-few milliseconds of products per layer and, through the Hugging Face modules, as much again of small
-operations around them: the 4-D mask built anew, three separate q/k/v products, the rotary embedding
-applied to q and k apart (each with its own ``rotate_half`` copies), a norm of five operations, a
-module call per linear map. Measured on the SmolLM2-135M teacher (30 layers, B = 8, oneDNN-packed
-products on both paths) one step took about 55 ms through the model's ``forward`` and about 40 ms
-through :class:`FusedDecodeStep` (``docs/results/performance.md``, section 6).
-
+A decode step at ``B`` = 4-8 rows is a few milliseconds of products per layer and, through the
+Hugging Face modules, as much again of small operations around them: the 4-D mask built anew, three
+separate q/k/v products, the rotary embedding applied to q and k apart (each with its own
+``rotate_half`` copies), a norm of five operations, a module call per linear map.
 :class:`FusedDecodeStep` runs the same computation from the model's own weights, leaner:
 
 - one packed product for q, k and v together and one for the MLP's gate and up maps (their weights
-  concatenated once, :mod:`rl_distill.rollout.packed`), one for ``o_proj``, ``down_proj`` and the head;
+  concatenated when packed), one for ``o_proj``, ``down_proj`` and the head; in float32 the native
+  few-row kernel (:mod:`rl_distill.rollout.native`) where it builds, else oneDNN's packed product
+  (:mod:`rl_distill.rollout.packed`, also for bfloat16);
 - the rotary embedding applied to q and k in one expression; the norms as ``F.rms_norm``;
-- the keys and values appended to the model's own ``DynamicCache`` layers (so row restarts, splices
-  and crops of :mod:`rl_distill.rollout.incremental` work on it unchanged) and one scaled-dot-product
-  attention per layer with grouped query heads, under a boolean mask over the cache.
+- the keys and values appended in place to the model's own ``DynamicCache`` layers (so row restarts,
+  splices and crops of :mod:`rl_distill.rollout.incremental` work on it unchanged) and one
+  scaled-dot-product attention per layer with grouped query heads, under one additive mask per step.
+
+Who uses it: the environment's incremental teacher (packed once: the teacher is frozen), teacher
+sampling, and the trained student's ``generate`` (:class:`~rl_distill.rollout.RolloutEngine`: packed
+anew in each call after an update, for at least :data:`MIN_TOKENS_TO_PACK_TRAINED` new tokens, and
+released after the call). Measured numbers: ``docs/results/performance.md``, sections 6 and 7.
 
 It applies only where it is exact to rounding: a model whose decoder is built of Transformers'
 Llama modules (``LlamaForCausalLM``: SmolLM2, TinyLlama, Llama 2/3 and the kept-layer students of
 :func:`rl_distill.models.make_kept_layer_student`) with plain ``nn.Linear`` maps, SiLU, full attention,
-no parameter requiring a gradient (its packed copies are made once), on CPU, in float32 or bfloat16
-where this build packs that dtype (:func:`~rl_distill.rollout.packed.packing_available`).
-:func:`unsupported_reason` says why another model falls back to its own ``forward``. The packed
-copies are remade when a weight changes (storage pointer or version counter, as
-:class:`~rl_distill.rollout.packed.PackedWeights`); they cost the weights' bytes again.
+on CPU, in float32 or bfloat16 where this build packs that dtype
+(:func:`~rl_distill.rollout.packed.packing_available`), outside autocast (under CPU autocast the
+model's own forward runs, in the autocast dtype). :func:`unsupported_reason` says why another model
+falls back to its own ``forward``. The packed copies are remade when a weight changes (storage
+pointer or version counter, as :class:`~rl_distill.rollout.packed.PackedWeights`); they cost the
+weights' bytes again while kept.
 """
 
 from __future__ import annotations
@@ -38,9 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rl_distill.rollout.native import FewRowKernel, few_row_kernel
-from rl_distill.rollout.packed import pack_weight, packed_product, packing_available, trainable
+from rl_distill.rollout.packed import pack_weight, packed_product, packing_available
 
-__all__ = ["FusedDecodeStep", "FusedSteps", "unsupported_reason"]
+__all__ = ["MIN_TOKENS_TO_PACK_TRAINED", "FusedDecodeStep", "FusedSteps", "unsupported_reason"]
+
+#: A trainable model's ``generate`` takes the fused step (packing its weights anew, about 0.1 s for
+#: the main job's 6-layer student) only when it decodes at least this many new tokens: each fused
+#: token saved about 7 ms there, so shorter decodes would not repay the packing.
+MIN_TOKENS_TO_PACK_TRAINED = 16
 
 
 def _llama_classes() -> tuple[type, ...] | None:
@@ -60,7 +68,7 @@ def unsupported_reason(model: Any) -> str | None:
     """Why :class:`FusedDecodeStep` does not apply to ``model`` (None: it does).
 
     Args:
-        model: a causal LM (any object; only a frozen Llama-family model on CPU qualifies).
+        model: a causal LM (any object; only a Llama-family model on CPU qualifies).
     """
     classes = _llama_classes()
     if classes is None:
@@ -108,8 +116,6 @@ def unsupported_reason(model: Any) -> str | None:
         return "mixed parameter dtypes"
     if not packing_available(weight.dtype):
         return f"this PyTorch build cannot pack {weight.dtype} weights on this CPU"
-    if trainable(model):
-        return "a parameter requires a gradient (only frozen models are packed)"
     return None
 
 
@@ -151,7 +157,7 @@ class _Matrix:
 
 
 class FusedDecodeStep:
-    """The one-token decode step of a frozen Llama-family model on CPU, fused (see the module docstring).
+    """The one-token decode step of a Llama-family model on CPU, fused (see the module docstring).
 
     Example::
 
@@ -369,8 +375,8 @@ class FusedSteps:
         30-layer teacher, so not at every step) and the copies are remade. The returned step is
         current: call it with ``check=False`` until the weights may change again.
         """
-        if not isinstance(model, nn.Module):
-            return None
+        if not isinstance(model, nn.Module) or torch.is_autocast_enabled("cpu"):
+            return None  # under autocast the model's forward computes in the autocast dtype: not fused
         step = self._steps.get(model)
         if step is not None and step.current():
             return step
@@ -381,6 +387,12 @@ class FusedSteps:
             step = self._steps[model] = FusedDecodeStep(model, native=self.native)
         step._prepare()  # (re)packs: the step is current when returned
         return step
+
+    def release(self, model: Any) -> None:
+        """Drop the packed copies of ``model``'s step (a trained model's, after a decode)."""
+        step = self._steps.get(model) if isinstance(model, nn.Module) else None
+        if step is not None:
+            step.release()
 
     def clear(self) -> None:
         """Drop every fused step and its packed copies."""
