@@ -143,8 +143,11 @@ def test_wrapped_models_custom_heads_and_headless_samplers():
 @pytest.mark.parametrize("on", [True, False])
 def test_every_engine_forward_that_slices_goes_through_it(on, student, teacher, tokenizer):
     """Scoring (plain and prefix-cached), the student's forward, the prefill, the incremental scorer."""
-    engine = RolloutEngine(student, teacher, tokenizer, dense_head_input=on)
-    plain = RolloutEngine(student, teacher, tokenizer, dense_head_input=on, teacher_prefix_cache=False)
+    # fused_step=False: the fused path's prefill gathers each row's last token (dense either way).
+    engine = RolloutEngine(student, teacher, tokenizer, dense_head_input=on, fused_step=False)
+    plain = RolloutEngine(
+        student, teacher, tokenizer, dense_head_input=on, teacher_prefix_cache=False, fused_step=False
+    )
     s_seen, s_handle = seen_strides(student.get_output_embeddings())
     t_seen, t_handle = seen_strides(teacher.get_output_embeddings())
     prompts = ["system: be brief. " + p for p in PROMPTS]  # a shared prefix: the prefix cache applies
