@@ -16,6 +16,8 @@ Methods (:data:`METHODS`):
 - ``ours_strided_head``: ``ours`` with the output head reading Hugging Face's strided
   ``logits_to_keep`` slice as it is (:mod:`benchmarks._patches` ``strided_head_input``): the
   head-input lever alone (with ``precision: bf16``, that lever in the bf16 configuration);
+- ``ours_unfused``: ``ours`` with the fused one-token decode step off (the student samples through its
+  own ``forward``, :mod:`benchmarks._patches` ``unfused_step``): the fused-step lever alone;
 - ``ours_lambda0``: the same agent as supervised KD (lambda = 0, forward KL on fixed reference
   sequences of ``max_new_tokens`` tokens, paper Eq. 3);
 - ``trl_gkd``: TRL's ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=1``;
@@ -498,6 +500,7 @@ METHODS: dict[str, Callable[[BenchSpec], dict[str, Any]]] = {
     "ours_strided_head": lambda spec: run_ours(
         spec, lmbda=1.0, patches=("strided_head_input",), name="ours_strided_head"
     ),
+    "ours_unfused": lambda spec: run_ours(spec, lmbda=1.0, patches=("unfused_step",), name="ours_unfused"),
     "trl_gkd": lambda spec: run_trl_gkd(spec, lmbda=1.0),
     "trl_gkd_lambda0": lambda spec: run_trl_gkd(spec, lmbda=0.0),
     "trl_distillation": run_trl_distillation,

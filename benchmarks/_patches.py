@@ -23,6 +23,9 @@ own process (``run_ours(..., patches=...)``, method ``ours_recompute``) and undo
 - ``strided_head_input``: the output head reads Hugging Face's strided ``logits_to_keep`` slice as
   it is (every ``dense_head_input`` block of :mod:`rl_distill.rollout.skinny_head` a no-op): the
   head-input lever alone.
+- ``unfused_step``: every model decodes through its own ``forward`` (``FusedSteps.get`` returns None:
+  no fused one-token step of :mod:`rl_distill.rollout.fused_step`, no native kernel, no packed-rows
+  prefill): the fused-step lever alone.
 
 History (issue #12, #18): ``inverse_cdf_sampling`` (the engine samples by inverse CDF since
 07b5d6f), ``small_chunks`` (2**20 elements; the library default is 2**19 since 247e0a2) and the
@@ -89,6 +92,13 @@ def patch_strided_head_input() -> Callable[[], None]:
     return _replace(sh, "_output_head", _returns_none)
 
 
+def patch_unfused_step() -> Callable[[], None]:
+    """Make ``FusedSteps.get`` decline every model (each decodes through its ``forward``); returns the undo."""
+    from rl_distill.rollout.fused_step import FusedSteps
+
+    return _replace(FusedSteps, "get", lambda self, model: None)
+
+
 #: name -> installer returning an undo callable.
 PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "recompute_grad": patch_recompute_grad,
@@ -97,6 +107,7 @@ PATCHES: dict[str, Callable[[], Callable[[], None]]] = {
     "no_prefix_cache": patch_no_prefix_cache,
     "dense_embedding_grad": patch_dense_embedding_grad,
     "strided_head_input": patch_strided_head_input,
+    "unfused_step": patch_unfused_step,
 }
 
 

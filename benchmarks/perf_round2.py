@@ -85,6 +85,8 @@ PLAN: dict[str, tuple[str, dict[str, Any], str]] = {
     # the head-input lever alone: the output head reads the strided logits_to_keep slice (fp32 and bf16)
     "ours_strided_head": ("ours_strided_head", {}, "core"),
     "ours_bf16_strided_head": ("ours_strided_head", {"precision": "bf16"}, "core"),
+    # the fused-step lever alone: the student samples through its own forward (no fused step, no native kernel)
+    "ours_unfused": ("ours_unfused", {}, "core"),
     # supervised KD (lambda = 0); DistillationTrainer has no lambda = 0 mode
     "ours_lambda0": ("ours_lambda0", {}, "core"),
     "trl_gkd_lambda0": ("trl_gkd_lambda0", {}, "core"),
@@ -112,6 +114,7 @@ PAIRS: dict[str, tuple[str, str]] = {
     "memory lever: sparse vs dense embedding gradient": ("ours", "ours_dense_embedding_grad"),
     "head-input lever: dense vs strided head input": ("ours", "ours_strided_head"),
     "head-input lever, bf16: dense vs strided head input": ("ours_bf16", "ours_bf16_strided_head"),
+    "fused-step lever: fused vs the model's forward": ("ours", "ours_unfused"),
 }
 
 
