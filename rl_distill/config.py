@@ -262,10 +262,11 @@ class TrainConfig:
     on CPU (``rl_distill/rollout/packed.py``: 1-16 rows, fp32 and bf16, equal to ``F.linear`` to rounding; packed
     once, costing the weights' bytes again; the trained student is never packed). False: the few-row products."""
     fused_decode_step: bool = True
-    """Decode frozen Llama-family models on CPU (teacher sampling, the environment's incremental teacher) with
-    the fused one-token step of ``rl_distill/rollout/fused_step.py`` (fused packed q/k/v and gate/up products,
-    a lean attention step; equal to the model's ``forward`` to rounding); needs ``packed_weights``. False: the
-    model's ``forward``."""
+    """Decode Llama-family models on CPU outside autocast with the fused one-token step of
+    ``rl_distill/rollout/fused_step.py`` (fused packed q/k/v and gate/up products, float32 ones in a native kernel
+    compiled on first use, a lean attention step; equal to the model's ``forward`` to rounding): the environment's
+    teacher and teacher sampling (packed once), the trained student's sampling (packed anew per ``generate`` of
+    16+ tokens). Needs ``packed_weights``. False: the models' ``forward``."""
     curriculum: dict[str, Any] | None = None
     """Draw batches by difficulty instead of the uniform shuffle (null): ``{mode: easy_to_hard | frontier,
     difficulty: prompt_length | reference_length | <metadata field>, ...}`` plus any
