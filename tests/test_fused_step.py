@@ -8,6 +8,9 @@ dropped when the model becomes trainable), and every reason the step refuses a m
 
 import pytest
 import torch
+
+# The same module marks and prompts as the packed-weights tests (one thread; skipped without oneDNN packing).
+from test_packed_weights import PROMPTS, pytestmark  # noqa: F401,E402
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -22,15 +25,6 @@ from rl_distill.rollout.fused_step import (
 )
 from rl_distill.rollout.incremental import IncrementalScorer
 from rl_distill.rollout.packed import packing_available
-
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(
-        not packing_available(torch.float32), reason="this PyTorch build has no oneDNN packing"
-    ),
-]
-
-PROMPTS = ["1+2=", "hello there, friend", "x", "abc"]
 
 
 def llama(tokenizer, *, kv_heads=2, bias=False, seed=3, dtype=torch.float32):
