@@ -473,7 +473,7 @@ class RolloutEngine:
         self.packed_weights = packed_weights
         #: The packed weights of the decoding forwards (None: ``packed_weights=False``).
         self.packed: PackedWeights | None = PackedWeights() if packed_weights else None
-        #: The fused decode steps of frozen models (None: ``fused_step`` or ``packed_weights`` off).
+        #: The fused decode steps of the models it decodes (None: ``fused_step`` or ``packed_weights`` off).
         self.fused_steps: FusedSteps | None = FusedSteps() if fused_step and packed_weights else None
         self.skinny_head = skinny_head
         self.skinny_layers = skinny_layers
