@@ -393,7 +393,3 @@ class FusedSteps:
         step = self._steps.get(model) if isinstance(model, nn.Module) else None
         if step is not None:
             step.release()
-
-    def clear(self) -> None:
-        """Drop every fused step and its packed copies."""
-        self._steps.clear()
