@@ -101,7 +101,7 @@ def test_lockstep_stops_as_soon_as_every_process_is_done(student, teacher, token
 
 def test_two_processes_step_together_and_each_keeps_its_single_process_rollout(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for attempt in range(2):
+    for attempt in range(4):
         out = tmp_path / f"ranks{attempt}"
         out.mkdir()
         cmd = [
@@ -110,8 +110,9 @@ def test_two_processes_step_together_and_each_keeps_its_single_process_rollout(t
         ]  # fmt: skip
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         # Once seen under a loaded CI machine: a worker aborted by the C++ runtime ("terminate called
-        # without an active exception", SIGABRT) in gloo's teardown. That, and only that, is retried
-        # once in fresh processes; any other failure, or the same one twice, fails the test.
+        # without an active exception", SIGABRT) in gloo's teardown (twice in a row once, in a fresh
+        # clone's CI run). That, and only that, is retried, up to 3 times in fresh processes; any other
+        # failure, or that one four times, fails the test.
         if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     assert run.returncode == 0, run.stderr[-3000:]
