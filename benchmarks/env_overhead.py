@@ -70,11 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--teacher-step",
-        choices=["fused", "onednn", "forward"],
+        choices=["fused", "products", "onednn", "forward"],
         default="fused",
-        help="the environment teacher's per-token step: 'fused' (shipped: the fused step, float32 products "
-        "with the native kernel where available), 'onednn' (the fused step with oneDNN's packed products), "
-        "'forward' (the model's own forward with per-module packed weights, before the fused step)",
+        help="the environment teacher's per-token step: 'fused' (shipped: the fused step; in float32 with the "
+        "native kernel, every decoder layer in one native call), 'products' (the fused step with only its "
+        "products native, PyTorch operations around them), 'onednn' (the fused step with oneDNN's packed "
+        "products), 'forward' (the model's own forward with per-module packed weights, before the fused step)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The teacher-step variant under test (the environment's own scorer; the floor's engine is unchanged).
     env.core.scorer.fused_steps = {
         "fused": FusedSteps(),
+        "products": FusedSteps(native_layers=False),
         "onednn": FusedSteps(native=False),
         "forward": None,
     }[args.teacher_step]
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "native_kernel_used": fused is not None
             and fused.kernel is not None
             and args.teacher_dtype == "float32",
+            "native_layers_used": fused is not None and fused._native_layers is not None,
             "native_kernel_unavailable": unavailable_reason(),
             "warmup": args.warmup,
             "repeats": args.repeats,

@@ -15,9 +15,10 @@ short keeps what it measured, and running a subset updates only that part):
 - ``memory``: ``benchmarks/divergence_memory.py`` on the current code (JSD(0.5) forward + backward,
   B = 8, T = 256, V = 49152; fused gradient and the old recomputing backward);
 - ``env``: ``benchmarks/env_overhead.py`` on SmolLM2 at B = 8; ``env_bf16`` (not in the default
-  sections): the same with the teacher stored in bfloat16 on both paths; ``env_onednn`` and
-  ``env_forward`` (not in the default sections): the environment teacher's steps without the native
-  kernel (the fused step with oneDNN's products) and without the fused step (the model's forward);
+  sections): the same with the teacher stored in bfloat16 on both paths; ``env_products``,
+  ``env_onednn`` and ``env_forward`` (not in the default sections): the environment teacher's steps
+  with only the products native (PyTorch operations around them), without the native kernel (the
+  fused step with oneDNN's products) and without the fused step (the model's forward);
 - ``quality``: held-out divergences after the main job, fp32 against bf16, from the ``summary.json``
   of runs made with ``rl-distill train`` (``--quality-dir``, folders named ``{fp32,bf16}_s{SEED}``).
 
@@ -57,7 +58,18 @@ from benchmarks import _harness as H  # noqa: E402
 from benchmarks._methods import TRL_METHODS, BenchSpec  # noqa: E402
 from rl_distill.rollout.packed import PACK_ROWS_HINT  # noqa: E402
 
-SECTIONS = ("floors", "decode", "steps", "memory", "env", "quality", "env_bf16", "env_onednn", "env_forward")
+SECTIONS = (
+    "floors",
+    "decode",
+    "steps",
+    "memory",
+    "env",
+    "quality",
+    "env_bf16",
+    "env_products",
+    "env_onednn",
+    "env_forward",
+)
 DEFAULT_OUT = H.ROOT / "benchmarks" / "results" / "perf_round2.json"
 
 #: The step configurations: name -> (method, spec overrides, group). Groups run one after the other
@@ -586,7 +598,8 @@ def run_env(
 
     ``teacher_dtype="bfloat16"`` (section ``env_bf16``): the teacher stored in bfloat16 on both paths
     (``model.teacher_dtype``), the environment's per-token teacher steps streaming half the bytes.
-    ``teacher_step``: ``env_overhead --teacher-step`` (sections ``env_onednn``, ``env_forward``).
+    ``teacher_step``: ``env_overhead --teacher-step`` (sections ``env_products``, ``env_onednn``,
+    ``env_forward``).
     """
     argv = ["--batch-size", "8", "--repeats", str(repeats), "--warmup", "1", "--threads", str(threads)]
     argv += ["--teacher-dtype", teacher_dtype, "--teacher-step", teacher_step]
@@ -709,6 +722,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     section("memory", lambda: run_memory(tiny, args.threads))
     section("env", lambda: run_env(tiny, args.threads, args.env_repeats))
     section("env_bf16", lambda: run_env(tiny, args.threads, args.env_repeats, "bfloat16"))
+    section("env_products", lambda: run_env(tiny, args.threads, args.env_repeats, teacher_step="products"))
     section("env_onednn", lambda: run_env(tiny, args.threads, args.env_repeats, teacher_step="onednn"))
     section("env_forward", lambda: run_env(tiny, args.threads, args.env_repeats, teacher_step="forward"))
     if "steps" in args.sections:

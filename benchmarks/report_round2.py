@@ -728,13 +728,14 @@ def env_block(results: Path = RESULTS) -> str:
 
 #: The environment teacher's step variants measured apart (``env_overhead --teacher-step``).
 ENV_VARIANTS = (
+    ("env_products", "with only the products native (PyTorch operations around them, one call per product)"),
     ("env_onednn", "without the native kernel (the fused step with oneDNN's packed products)"),
     ("env_forward", "without the fused step (the model's own forward, per-module packed weights)"),
 )
 
 
 def _env_variant_lines(data: dict[str, Any], env: dict[str, Any]) -> list[str]:
-    """Sections ``env_onednn`` / ``env_forward``: the same benchmark with a lever of the teacher's step off."""
+    """Sections ``env_products`` / ``env_onednn`` / ``env_forward``: the benchmark with a lever of the step off."""
     cells = []
     for name, label in ENV_VARIANTS:
         v = data.get(name)
@@ -945,8 +946,10 @@ def _fused_student_lever(results: Path) -> list[str]:
 
 
 def _fused_step_lever(data: dict[str, Any]) -> list[str]:
-    """Item 8: the fused decode step and the native few-row kernel (sections env, env_onednn, env_forward)."""
+    """Item 8: the fused decode step, the native kernel and the native layers (sections env, env_products,
+    env_onednn, env_forward)."""
     env, onednn, forward = data.get("env"), data.get("env_onednn"), data.get("env_forward")
+    products = data.get("env_products")
     if not (env and onednn and forward):
         return []
     tokens = env["setup"]["max_new_tokens"]
@@ -955,22 +958,36 @@ def _fused_step_lever(data: dict[str, Any]) -> list[str]:
         return f"{d['env']['env_step'] / tokens * 1e3:.0f} ms"
 
     used = env["setup"].get("native_kernel_used")
+    layers = env["setup"].get("native_layers_used")
+    shipped = (
+        "the fused step with every decoder layer in one native call"
+        if layers
+        else "the fused step with the native kernel"
+    )
+    products_cell = (
+        ""
+        if products is None
+        else f", the fused step with only its products native {per_step(products)} "
+        f"({_x(products['time_ratio_env_over_floor'])})"
+    )
     return [
-        "8. **The environment teacher's fused decode step and the native few-row kernel** "
+        "8. **The environment teacher's fused decode step and the native kernels** "
         "(`rl_distill/rollout/fused_step.py`: the one-token step of a Llama-family model from its own "
-        "weights, with q/k/v and gate/up fused into one packed product each, the rotary embedding, norms and "
-        "attention without the per-module overhead, the keys and values appended to the model's own cache; "
-        "`rl_distill/rollout/native.py` + `few_rows.c`: a float32 product over a panel-packed weight, 8 rows x 48 "
-        "columns of accumulators, compiled on first use). Measured in section 6's benchmark, env.step per token "
+        "weights, with q/k/v and gate/up fused into one packed product each, the keys and values appended to the "
+        "model's own cache; `rl_distill/rollout/native.py` + `few_rows.c`: a float32 product over a panel-packed "
+        "weight, 8 rows x 48 columns of accumulators, and, built on it, whole decoder layers in one call per step "
+        "(norms, rotary embedding, cache write, attention, SiLU, residual adds; one parallel region), compiled "
+        "on first use). Measured in section 6's benchmark, env.step per token "
         f"(B = {env['setup']['batch_size']}, SmolLM2 teacher): the model's forward {per_step(forward)} "
         f"(env / floor {_x(forward['time_ratio_env_over_floor'])}), the fused step with oneDNN's products "
-        f"{per_step(onednn)} ({_x(onednn['time_ratio_env_over_floor'])}), the fused step with the native kernel "
-        f"{per_step(env)} ({_x(env['time_ratio_env_over_floor'])})"
+        f"{per_step(onednn)} ({_x(onednn['time_ratio_env_over_floor'])})"
+        + products_cell
+        + f", {shipped} {per_step(env)} ({_x(env['time_ratio_env_over_floor'])})"
         + ("" if used else " (the native kernel was not available in that run)")
         + ". Kept (shipped): `RolloutEngine(fused_step=True)`, config `train.fused_decode_step`; the kernel is "
         "used wherever it builds and passes its check (`RL_DISTILL_NATIVE_KERNELS=0` switches it off); "
-        "bfloat16 teachers take oneDNN's bfloat16 products. The environment's teacher is frozen and packed "
-        "once; both paths of this benchmark sample the student through the same step (item 9)."
+        "bfloat16 teachers take oneDNN's bfloat16 products and PyTorch operations. The environment's teacher is "
+        "frozen and packed once; both paths of this benchmark sample the student through the same step (item 9)."
     ]
 
 

@@ -46,7 +46,7 @@ def test_bf16_teacher_only_the_teacher_changes_dtype():
 
 
 def test_teacher_step_variants_are_recorded_and_reported(tmp_path):
-    """``--teacher-step``: the shipped fused step, the fused step on oneDNN, the model's forward; the report's lines."""
+    """``--teacher-step``: the shipped fused step, native products only, oneDNN, the model's forward; the report."""
     from benchmarks import report_round2
     from rl_distill.rollout.native import few_row_kernel
 
@@ -56,7 +56,13 @@ def test_teacher_step_variants_are_recorded_and_reported(tmp_path):
     base += ["--max-new-tokens", "3", "--warmup", "0", "--repeats", "1", "--threads", "1"]
     sections = {}
     try:
-        for name, step in (("env", "fused"), ("env_onednn", "onednn"), ("env_forward", "forward")):
+        variants = (
+            ("env", "fused"),
+            ("env_products", "products"),
+            ("env_onednn", "onednn"),
+            ("env_forward", "forward"),
+        )
+        for name, step in variants:
             sections[name] = bench.main([*base, "--teacher-step", step])
     finally:
         torch.set_num_threads(threads)
@@ -65,9 +71,13 @@ def test_teacher_step_variants_are_recorded_and_reported(tmp_path):
     assert not setups["env_forward"]["fused_step_used"]
     assert setups["env"]["native_kernel_used"] == (few_row_kernel() is not None)
     assert not setups["env_onednn"]["native_kernel_used"] and not setups["env_forward"]["native_kernel_used"]
+    assert setups["env"]["native_layers_used"] == (few_row_kernel() is not None)
+    assert setups["env_products"]["native_kernel_used"] == (few_row_kernel() is not None)
+    assert not setups["env_products"]["native_layers_used"] and not setups["env_onednn"]["native_layers_used"]
     (tmp_path / "perf_round2.json").write_text(json.dumps(sections))
     block = report_round2.env_block(tmp_path)
-    assert "section `env_onednn`" in block and "section `env_forward`" in block
+    assert all(f"section `{name}`" in block for name in ("env_products", "env_onednn", "env_forward"))
     lever = report_round2._fused_step_lever(sections)
     assert len(lever) == 1 and lever[0].startswith("8. **The environment teacher's fused decode step")
+    assert "with only its products native" in lever[0]
     assert report_round2._fused_step_lever({"env": sections["env"]}) == []

@@ -125,3 +125,58 @@ def test_fused_step_with_and_without_the_kernel_agree():
         tokens = torch.full((len(PROMPTS),), 4 + t)
         got, want = (s.step(st, tokens) for s, st in zip(scorers, states))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.skipif(not packing_available(torch.float32), reason="no oneDNN packing")
+def test_native_layers_are_thread_count_invariant_and_follow_a_remade_buffer_at_the_same_address():
+    """The whole-layer kernel: bit-identical with 1 and 2 threads (each output has one owner thread),
+    and a cache buffer remade at the same address with another capacity is written at the new
+    layout (the kernel's per-layer table is refreshed at every step, not keyed by the address)."""
+    from test_fused_step import PROMPTS, llama
+
+    tokenizer = char_tokenizer()
+    model = llama(tokenizer, kv_heads=2, bias=True)
+    engine = RolloutEngine(model, model, tokenizer)
+    native_scorer = IncrementalScorer(model, engine.vocab_size, fused_step=FusedSteps(native=True))
+    plain = IncrementalScorer(model, engine.vocab_size, fused_step=False)
+    assert native_scorer.fused_steps.get(model)._native_layers is not None
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            state = native_scorer.start(engine.encode(PROMPTS))
+            for t in range(4):
+                native_scorer.advance(state, torch.full((len(PROMPTS),), 4 + t))
+            results.append(state.next_logprobs)
+        assert torch.equal(results[0], results[1])
+
+        states = [s.start(engine.encode(PROMPTS)) for s in (native_scorer, plain)]
+        tokens = torch.full((len(PROMPTS),), 7)
+        for s, st in zip((native_scorer, plain), states):
+            s.advance(st, tokens)  # the native side now has buffers with spare columns
+        with torch.inference_mode():  # the cache holds inference tensors
+            remake_at_the_same_address(states[0].past_key_values.layers)
+        for t in range(3):
+            got, want = (s.step(st, tokens + t) for s, st in zip((native_scorer, plain), states))
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(states[0].next_logprobs, states[1].next_logprobs, rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def remake_at_the_same_address(layers):
+    """Re-lay each cache layer's buffers in their own storage with one column fewer (same address)."""
+    for layer in layers:
+        used = layer.keys.shape[2]
+        bsz, heads, cap, dim = layer._rl_distill_buffers[0].shape
+        remade = []
+        for buf in layer._rl_distill_buffers:
+            content = buf[:, :, :used].clone()
+            view = buf.view(-1)[: bsz * heads * (cap - 1) * dim].view(bsz, heads, cap - 1, dim)
+            view[:, :, :used] = content
+            assert view.data_ptr() == buf.data_ptr()
+            remade.append(view)
+        layer._rl_distill_buffers = tuple(remade)
+        layer.keys, layer.values = remade[0][:, :, :used], remade[1][:, :, :used]

@@ -13,7 +13,9 @@ separate q/k/v products, the rotary embedding applied to q and k apart (each wit
 - the rotary embedding applied to q and k in one expression; the norms as ``F.rms_norm``;
 - the keys and values appended in place to the model's own ``DynamicCache`` layers (so row restarts,
   splices and crops of :mod:`rl_distill.rollout.incremental` work on it unchanged) and one
-  scaled-dot-product attention per layer with grouped query heads, under one additive mask per step.
+  scaled-dot-product attention per layer with grouped query heads, under one additive mask per step;
+- in float32 with the native kernel, all of that for every decoder layer in one native call per step
+  (``decode_layers_f32``: no PyTorch operation between the embedding and the final norm).
 
 Who uses it: the environment's incremental teacher (packed once: the teacher is frozen), teacher
 sampling, and the trained student's ``generate`` (:class:`~rl_distill.rollout.RolloutEngine`: packed
@@ -33,6 +35,7 @@ weights' bytes again while kept.
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from typing import Any
 
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rl_distill.rollout.native import FewRowKernel, few_row_kernel
+from rl_distill.rollout.native import DecodeLayer, FewRowKernel, few_row_kernel
 from rl_distill.rollout.packed import pack_weight, packed_product, packing_available
 
 __all__ = ["MIN_TOKENS_TO_PACK_TRAINED", "FusedDecodeStep", "FusedSteps", "unsupported_reason"]
@@ -169,6 +172,9 @@ class FusedDecodeStep:
         native: float32 products with the native few-row kernel
             (:func:`~rl_distill.rollout.native.few_row_kernel`) where it is available; False (or
             where it is not): oneDNN's packed product. bfloat16 always takes oneDNN's.
+        native_layers: with the native kernel, run every decoder layer of a step in one native call
+            (norms, products, rotary embedding, cache write, attention, SiLU and residual adds:
+            ``decode_layers_f32``); False: only the products are native, the rest PyTorch operations.
 
     Attributes:
         packs: how many times the packed copies were made (1 unless a weight changed).
@@ -178,25 +184,29 @@ class FusedDecodeStep:
         ValueError: naming the reason when the model is not supported.
     """
 
-    def __init__(self, model: nn.Module, *, native: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, native: bool = True, native_layers: bool = True) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fused decode step for this model: {reason}")
         self.model = model
         self.packs = 0
         self.kernel: FewRowKernel | None = few_row_kernel() if native else None
+        self.native_layers = native_layers
         self._params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0])]
         self._key: tuple[Any, ...] | None = None
         self._layers: list[tuple[_Matrix, _Matrix, _Matrix, _Matrix]] = []
         self._head: _Matrix | None = None
         self._norms: list[tuple[tuple[Tensor, float], tuple[Tensor, float]]] = []
         self._final_norm: tuple[Tensor, float] | None = None
+        # float32 with the native kernel: every decoder layer in one native call (decode_layers_f32)
+        self._native_layers: ctypes.Array[DecodeLayer] | None = None
         cfg = model.config
         attn = model.model.layers[0].self_attn
         self.head_dim = int(attn.head_dim)
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(cfg.num_key_value_heads)
         self.scaling = float(attn.scaling)
+        self.intermediate = int(model.model.layers[0].mlp.gate_proj.out_features)
 
     @property
     def nbytes(self) -> int:
@@ -206,7 +216,7 @@ class FusedDecodeStep:
 
     def release(self) -> None:
         """Drop the packed copies (remade on the next step)."""
-        self._layers, self._head, self._key = [], None, None
+        self._layers, self._head, self._key, self._native_layers = [], None, None, None
 
     def _signature(self) -> tuple[Any, ...]:
         return tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in self._params)
@@ -248,8 +258,30 @@ class FusedDecodeStep:
         ]
         norm = self.model.model.norm
         self._final_norm = (norm.weight, norm.variance_epsilon)
+        if kernel is not None and dtype == torch.float32 and self.native_layers:
+            self._native_layers = self._native_table()
         self._key = key
         self.packs += 1
+
+    def _native_table(self) -> ctypes.Array[DecodeLayer]:
+        """The native kernel's per-layer pointers (weights kept alive by ``self._layers`` and the model)."""
+
+        def ptr(t: Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        table = (DecodeLayer * len(self._layers))()
+        for entry, (qkv, o, gate_up, down), ((w_in, eps_in), (w_post, eps_post)) in zip(
+            table, self._layers, self._norms
+        ):
+            if not (w_in.is_contiguous() and w_post.is_contiguous()):
+                raise ValueError("the native decode layers need contiguous norm weights")
+            entry.norm_in, entry.eps_in = w_in.data_ptr(), eps_in
+            entry.norm_post, entry.eps_post = w_post.data_ptr(), eps_post
+            entry.qkv, entry.qkv_bias = qkv.packed.data_ptr(), ptr(qkv.bias)
+            entry.o, entry.o_bias = o.packed.data_ptr(), ptr(o.bias)
+            entry.gate_up, entry.gate_up_bias = gate_up.packed.data_ptr(), ptr(gate_up.bias)
+            entry.down, entry.down_bias = down.packed.data_ptr(), ptr(down.bias)
+        return table
 
     @staticmethod
     def _norm(h: Tensor, norm: tuple[Tensor, float]) -> Tensor:
@@ -280,6 +312,8 @@ class FusedDecodeStep:
         """
         if check or self._key is None:
             self._prepare()
+        if self._native_layers is not None:
+            return self._native_step(tokens, positions, attention_mask, cache)
         body = self.model.model
         bsz = tokens.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -314,19 +348,62 @@ class FusedDecodeStep:
         assert self._head is not None
         return self._head(h[:, 0])
 
+    def _native_step(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor, cache: Any) -> Tensor:
+        """The float32 step with every decoder layer in one native call (same contract as ``__call__``)."""
+        assert self._native_layers is not None and self._head is not None and self._final_norm is not None
+        body = self.model.model
+        bsz, dim = tokens.shape[0], self.head_dim
+        h = body.embed_tokens(tokens).contiguous()  # (B, H): a new tensor, updated in place by the kernel
+        cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, D) each
+        cos, sin = cos.reshape(bsz, dim).contiguous(), sin.reshape(bsz, dim).contiguous()
+        mask = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(
+            attention_mask == 0, float("-inf")
+        )
+        table, used, buffers = self._native_layers, None, []
+        for entry, cache_layer in zip(table, cache.layers):
+            keys, values, columns = _reserve(cache_layer, torch.float32)
+            if used is None:
+                used = columns
+            if columns != used or keys.shape[0] != bsz or mask.shape[1] != used + 1:
+                raise ValueError(
+                    f"cache layers of {columns} and {used} columns, {keys.shape[0]} rows, a mask of "
+                    f"{tuple(mask.shape)}: not one step of {bsz} rows"
+                )
+            # Set at every step: a remade buffer may reuse a freed one's address with another capacity.
+            entry.keys, entry.values, entry.cap = keys.data_ptr(), values.data_ptr(), keys.shape[2]
+            buffers.append((cache_layer, keys, values))
+        assert used is not None and self.kernel is not None
+        self.kernel.decode_layers(
+            table,
+            h,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            head_dim=dim,
+            intermediate=self.intermediate,
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            used=used,
+            scaling=self.scaling,
+        )
+        for cache_layer, keys, values in buffers:  # the kernel wrote column `used` of each
+            cache_layer.keys, cache_layer.values = keys[:, :, : used + 1], values[:, :, : used + 1]
+        return self._head(self._norm(h, self._final_norm))
+
 
 #: Spare columns allocated when a cache layer's buffer is (re)made (see :func:`_append`).
 SPARE_COLUMNS = 64
 
 
-def _append(cache_layer: Any, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Append one column of keys and values to a ``DynamicCache`` layer; return its keys and values.
+def _reserve(cache_layer: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """The key and value buffers of a ``DynamicCache`` layer with room for one more column, and its columns.
 
-    The layer's ``keys``/``values`` become views of buffers with spare columns (kept on the layer),
-    so that a step writes one column instead of copying the whole cache (``torch.cat``). Whenever
-    the layer's tensors are not exactly the leading columns of its buffers (a prefill, a row
-    restart, a crop, any assignment by other code) or the buffers are full, new buffers are made
-    from the layer's current tensors. Other code sees ordinary ``(B, H, C, D)`` tensors.
+    The layer's ``keys``/``values`` are kept as views of buffers with spare columns (kept on the
+    layer), so that a step writes one column instead of copying the whole cache (``torch.cat``).
+    Whenever the layer's tensors are not exactly the leading columns of its buffers (a prefill, a row
+    restart, a crop, any assignment by other code) or the buffers are full, new contiguous
+    ``(B, H, C + SPARE_COLUMNS, D)`` buffers are made from the layer's current tensors. Other code
+    sees ordinary ``(B, H, C, D)`` tensors.
     """
     keys, values = cache_layer.keys, cache_layer.values
     used = keys.shape[2]
@@ -339,17 +416,23 @@ def _append(cache_layer: Any, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         and keys.shape[:2] == buffers[0].shape[:2]
         and keys.stride() == buffers[0].stride()
         and values.stride() == buffers[1].stride()
-        and keys.dtype == k.dtype
+        and keys.dtype == dtype
     )
     if not fits:
         shape = (*keys.shape[:2], used + SPARE_COLUMNS, keys.shape[3])
-        buffers = (keys.new_empty(shape), values.new_empty(shape))
+        buffers = (keys.new_empty(shape, dtype=dtype), values.new_empty(shape, dtype=dtype))
         buffers[0][:, :, :used] = keys
         buffers[1][:, :, :used] = values
         cache_layer._rl_distill_buffers = buffers
-    buffers[0][:, :, used : used + 1] = k
-    buffers[1][:, :, used : used + 1] = v
-    cache_layer.keys, cache_layer.values = buffers[0][:, :, : used + 1], buffers[1][:, :, : used + 1]
+    return buffers[0], buffers[1], used
+
+
+def _append(cache_layer: Any, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Append one column of keys and values to a ``DynamicCache`` layer; return its keys and values."""
+    keys, values, used = _reserve(cache_layer, k.dtype)
+    keys[:, :, used : used + 1] = k
+    values[:, :, used : used + 1] = v
+    cache_layer.keys, cache_layer.values = keys[:, :, : used + 1], values[:, :, : used + 1]
     return cache_layer.keys, cache_layer.values
 
 
@@ -361,10 +444,12 @@ class FusedSteps:
 
     Args:
         native: passed to each :class:`FusedDecodeStep` (the native float32 kernel where available).
+        native_layers: passed to each :class:`FusedDecodeStep` (whole decoder layers in one native call).
     """
 
-    def __init__(self, *, native: bool = True) -> None:
+    def __init__(self, *, native: bool = True, native_layers: bool = True) -> None:
         self.native = native
+        self.native_layers = native_layers
         self._steps: weakref.WeakKeyDictionary[nn.Module, FusedDecodeStep] = weakref.WeakKeyDictionary()
 
     def get(self, model: Any) -> FusedDecodeStep | None:
@@ -384,7 +469,9 @@ class FusedSteps:
             self._steps.pop(model, None)
             return None
         if step is None:
-            step = self._steps[model] = FusedDecodeStep(model, native=self.native)
+            step = self._steps[model] = FusedDecodeStep(
+                model, native=self.native, native_layers=self.native_layers
+            )
         step._prepare()  # (re)packs: the step is current when returned
         return step
 

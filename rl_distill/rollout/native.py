@@ -1,4 +1,4 @@
-"""The native few-row float32 product (``few_rows.c``), compiled on first use and checked before use.
+"""The native float32 decode kernels (``few_rows.c``), compiled on first use and checked before use.
 
 The environment's teacher advances 8 rows at a time, so each of its steps streams every weight once
 for 8 rows of products: at 2 floating-point operations per weight per row, on these CPUs that sits
@@ -6,6 +6,13 @@ between memory bandwidth and compute. oneDNN's inner product with a packed weigh
 (:mod:`rl_distill.rollout.packed`) reached about 40% of the measured float32 matmul peak there; the
 small kernel in ``few_rows.c`` (one pass over a panel-packed weight, 8 x 48 accumulators) measured
 about 1.4x faster over the SmolLM2 teacher's products (``docs/results/performance.md``, section 7).
+
+Around those products a decode step through PyTorch is some 15 small operations per layer (norms,
+rotary embedding, cache writes, attention, SiLU, residual adds), each a dispatch and, on 2 threads,
+a fork-join: about a third of the step. ``decode_layers_f32`` in the same file runs every decoder
+layer of a Llama-family step in one call and one parallel region (the products split by panels,
+attention by row and key/value head, each output written by one thread: the result does not depend
+on the thread count); :class:`~rl_distill.rollout.fused_step.FusedDecodeStep` uses it in float32.
 
 It is built here, not shipped as a binary: the first call compiles ``few_rows.c`` with the C
 compiler (``$CC``, else ``cc``/``gcc``, ``-O3 -march=native -fopenmp``) into the user's cache
@@ -32,12 +39,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ENV_SWITCH", "FewRowKernel", "few_row_kernel", "unavailable_reason"]
+__all__ = ["ENV_SWITCH", "DecodeLayer", "FewRowKernel", "few_row_kernel", "unavailable_reason"]
 
 #: Environment variable that switches the native kernel off (``0``, ``false``, ``no``, ``off``).
 ENV_SWITCH = "RL_DISTILL_NATIVE_KERNELS"
 SOURCE = Path(__file__).with_name("few_rows.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One decoder layer's pointers for ``decode_layers_f32`` (``decode_layer_t`` in ``few_rows.c``).
+
+    Weights are panel-packed (:meth:`FewRowKernel.pack`) fused maps: q/k/v, o, gate/up, down; biases
+    and norms are plain float32 vectors (a null bias: none). ``keys``/``values`` are the layer's
+    ``(M, kv_heads, cap, head_dim)`` contiguous cache buffers.
+    """
+
+    _fields_ = [
+        *[
+            (name, ctypes.c_void_p)
+            for name in (
+                "norm_in",
+                "qkv",
+                "qkv_bias",
+                "o",
+                "o_bias",
+                "norm_post",
+                "gate_up",
+                "gate_up_bias",
+                "down",
+                "down_bias",
+                "keys",
+                "values",
+            )
+        ],
+        ("cap", ctypes.c_long),
+        ("eps_in", ctypes.c_float),
+        ("eps_post", ctypes.c_float),
+    ]
 
 
 class KernelUnavailable(RuntimeError):
@@ -76,6 +115,78 @@ class FewRowKernel:
             ctypes.c_int,
         ]
         self.panel_width = int(lib.few_rows_panel_width())
+        self._layers_fn = lib.decode_layers_f32
+        self._layers_fn.restype = ctypes.c_int
+        self._layers_fn.argtypes = [
+            ctypes.POINTER(DecodeLayer),
+            ctypes.c_int,
+            ctypes.c_void_p,
+            *[ctypes.c_long] * 6,
+            *[ctypes.c_void_p] * 3,
+            ctypes.c_long,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
+        if int(lib.decode_layer_struct_size()) != ctypes.sizeof(DecodeLayer):
+            raise OSError("decode_layer_t in few_rows.c does not match native.DecodeLayer")
+
+    def decode_layers(
+        self,
+        layers: ctypes.Array[DecodeLayer],
+        h: Tensor,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        used: int,
+        scaling: float,
+    ) -> None:
+        """Run Llama decoder layers on one new token per row, in place (``few_rows.c``, ``decode_layers_f32``).
+
+        No argument is checked here: the caller (:class:`~rl_distill.rollout.fused_step.FusedDecodeStep`)
+        owns every buffer the layers point to.
+
+        Args:
+            layers: one :class:`DecodeLayer` per layer (packed weights, norms, key/value buffers with
+                at least ``used + 1`` columns).
+            h: ``(M, hidden)`` contiguous float32 residual stream (the embedded tokens), updated in place.
+            heads: query heads.
+            kv_heads: key/value heads (dividing ``heads``).
+            head_dim: the size of each head.
+            intermediate: the MLP's inner size.
+            cos: ``(M, head_dim)`` contiguous float32 rotary cosines of each row's position.
+            sin: the same sines.
+            mask: ``(M, used + 1)`` contiguous float32 additive mask (0 or -inf) over the columns.
+            used: cached columns before this token (its key and value go to column ``used``).
+            scaling: the attention's score scale.
+
+        Raises:
+            MemoryError: when the kernel's scratch memory could not be allocated.
+        """
+        rows, hidden = h.shape
+        status = self._layers_fn(
+            layers,
+            len(layers),
+            h.data_ptr(),
+            rows,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            mask.data_ptr(),
+            used,
+            scaling,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("the native decode layers could not allocate their scratch memory")
 
     def pack(self, weight: Tensor) -> Tensor:
         """``(ceil(N / 48), K, 48)`` float32 panels of an ``(N, K)`` weight (zero past ``N``)."""
