@@ -8,13 +8,20 @@ teacher and student with FSDP2 over the same gloo group.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import final_weights, free_port, save_tiny_model, subprocess_env, tiny_config, write_yaml
+from run_helpers import (
+    final_weights,
+    free_port,
+    run_launcher,
+    save_tiny_model,
+    subprocess_env,
+    tiny_config,
+    write_yaml,
+)
 
 from rl_distill.config import config_from_dict
 from rl_distill.distributed import Distributed, warn_if_single_cpu_launch
@@ -80,7 +87,7 @@ def test_two_processes_first_update_matches_one_process_with_the_same_global_bat
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "rl_distill.cli", "train", str(two),
     ]  # fmt: skip
-    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    run = run_launcher(cmd, env=subprocess_env(), timeout=300, clean=[tmp_path / "two"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("held-out divergence") == 1  # only the main process reports
 
@@ -108,7 +115,9 @@ def test_fsdp_two_processes_train_like_one_process_and_resume_from_a_sharded_che
         )
         port = ["--main_process_port", str(free_port())]
         cmd = [*launch, *port, "-m", "rl_distill.cli", "train", str(cfg), *extra]
-        run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        # The first run may be retried from scratch; the resumed one must not lose its checkpoint.
+        clean = [] if "--resume" in extra else [tmp_path / "fsdp"]
+        run = run_launcher(cmd, env=subprocess_env(), timeout=300, clean=clean, attempts=4 if clean else 1)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "sharded over 2 processes" in run.stdout
         return final_weights(tmp_path / "fsdp")

@@ -11,12 +11,12 @@ stops at every token (one-token completions), rank 1 only at EOS (completions up
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import run_launcher
 
 from rl_distill.config import config_from_dict
 from rl_distill.distributed import Distributed, ShardingSpec, sharding_problems
@@ -101,20 +101,13 @@ def test_lockstep_stops_as_soon_as_every_process_is_done(student, teacher, token
 
 def test_two_processes_step_together_and_each_keeps_its_single_process_rollout(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    for attempt in range(4):
-        out = tmp_path / f"ranks{attempt}"
-        out.mkdir()
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), __file__, str(out),
-        ]  # fmt: skip
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        # Once seen under a loaded CI machine: a worker aborted by the C++ runtime ("terminate called
-        # without an active exception", SIGABRT) in gloo's teardown (twice in a row once, in a fresh
-        # clone's CI run). That, and only that, is retried, up to 3 times in fresh processes; any other
-        # failure, or that one four times, fails the test.
-        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
-            break
+    out = tmp_path / "ranks"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        str(_free_port()), __file__, str(out),
+    ]  # fmt: skip
+    out.mkdir()
+    run = run_launcher(cmd, env=env, timeout=240)  # retries only gloo's teardown abort
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
