@@ -321,10 +321,7 @@ class FusedDecodeStep:
         cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, D) each, in h's dtype
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
         # One additive mask for every layer (SDPA would convert a boolean one in each).
-        mask = torch.zeros(attention_mask.shape, dtype=h.dtype).masked_fill_(
-            attention_mask == 0, float("-inf")
-        )
-        mask = mask[:, None, None, :]  # (B, 1, 1, C + 1)
+        mask = _additive_mask(attention_mask, h.dtype)[:, None, None, :]  # (B, 1, 1, C + 1)
         half = dim // 2
         for (norm_in, norm_post), cache_layer, (qkv_map, o_map, gate_up_map, down_map) in zip(
             self._norms, cache.layers, self._layers
@@ -356,9 +353,7 @@ class FusedDecodeStep:
         h = body.embed_tokens(tokens).contiguous()  # (B, H): a new tensor, updated in place by the kernel
         cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, D) each
         cos, sin = cos.reshape(bsz, dim).contiguous(), sin.reshape(bsz, dim).contiguous()
-        mask = torch.zeros(attention_mask.shape, dtype=torch.float32).masked_fill_(
-            attention_mask == 0, float("-inf")
-        )
+        mask = _additive_mask(attention_mask, torch.float32)  # (B, C + 1)
         table, used, buffers = self._native_layers, None, []
         for entry, cache_layer in zip(table, cache.layers):
             keys, values, columns = _reserve(cache_layer, torch.float32)
@@ -389,6 +384,11 @@ class FusedDecodeStep:
         for cache_layer, keys, values in buffers:  # the kernel wrote column `used` of each
             cache_layer.keys, cache_layer.values = keys[:, :, : used + 1], values[:, :, : used + 1]
         return self._head(self._norm(h, self._final_norm))
+
+
+def _additive_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where ``attention_mask`` is nonzero, -inf elsewhere (one mask for every layer of a step)."""
+    return torch.zeros(attention_mask.shape, dtype=dtype).masked_fill_(attention_mask == 0, float("-inf"))
 
 
 #: Spare columns allocated when a cache layer's buffer is (re)made (see :func:`_append`).
