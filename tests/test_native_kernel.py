@@ -180,3 +180,26 @@ def remake_at_the_same_address(layers):
             remade.append(view)
         layer._rl_distill_buffers = tuple(remade)
         layer.keys, layer.values = remade[0][:, :, :used], remade[1][:, :, :used]
+
+
+@needs_kernel
+@pytest.mark.skipif(not packing_available(torch.float32), reason="no oneDNN packing")
+def test_a_strided_norm_weight_falls_back_to_pytorch_operations_around_the_products():
+    """The native layers read norm weights in place: a non-contiguous one keeps the PyTorch path."""
+    from test_fused_step import PROMPTS, llama
+
+    tokenizer = char_tokenizer()
+    model = llama(tokenizer)
+    norm = model.model.layers[1].post_attention_layernorm
+    wide = torch.stack([norm.weight.detach() * 1.5, torch.zeros_like(norm.weight)], dim=1)
+    norm.weight = torch.nn.Parameter(wide[:, 0], requires_grad=False)  # stride 2
+    assert not norm.weight.is_contiguous()
+    engine = RolloutEngine(model, model, tokenizer)
+    fused = IncrementalScorer(model, engine.vocab_size, fused_step=FusedSteps())
+    plain = IncrementalScorer(model, engine.vocab_size, fused_step=False)
+    step = fused.fused_steps.get(model)
+    assert step is not None and step.kernel is not None and step._native_layers is None
+    states = [s.start(engine.encode(PROMPTS)) for s in (fused, plain)]
+    for t in range(3):
+        got, want = (s.step(st, torch.full((len(PROMPTS),), 4 + t)) for s, st in zip((fused, plain), states))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

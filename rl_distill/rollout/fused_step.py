@@ -258,13 +258,17 @@ class FusedDecodeStep:
         ]
         norm = self.model.model.norm
         self._final_norm = (norm.weight, norm.variance_epsilon)
-        if kernel is not None and dtype == torch.float32 and self.native_layers:
-            self._native_layers = self._native_table()
+        contiguous = all(w.is_contiguous() for pair in self._norms for w, _ in pair)
+        if kernel is not None and dtype == torch.float32 and self.native_layers and contiguous:
+            self._native_layers = self._native_table()  # else the PyTorch operations around the products
         self._key = key
         self.packs += 1
 
     def _native_table(self) -> ctypes.Array[DecodeLayer]:
-        """The native kernel's per-layer pointers (weights kept alive by ``self._layers`` and the model)."""
+        """The native kernel's per-layer pointers (weights kept alive by ``self._layers`` and the model).
+
+        The norm weights are read in place, so they must be contiguous (checked by the caller).
+        """
 
         def ptr(t: Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
@@ -273,8 +277,6 @@ class FusedDecodeStep:
         for entry, (qkv, o, gate_up, down), ((w_in, eps_in), (w_post, eps_post)) in zip(
             table, self._layers, self._norms
         ):
-            if not (w_in.is_contiguous() and w_post.is_contiguous()):
-                raise ValueError("the native decode layers need contiguous norm weights")
             entry.norm_in, entry.eps_in = w_in.data_ptr(), eps_in
             entry.norm_post, entry.eps_post = w_post.data_ptr(), eps_post
             entry.qkv, entry.qkv_bias = qkv.packed.data_ptr(), ptr(qkv.bias)
